@@ -1,0 +1,135 @@
+"""The `loraplex` command. Heavy modules (vLLM, torch, trainer) are imported lazily per command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from google.protobuf.json_format import MessageToDict
+
+app = typer.Typer(
+    help="loraplex: serve many LoRA adapters on one base model over gRPC, on vLLM.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+Target = Annotated[str, typer.Option("--target", help="Gateway address host:port.")]
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@app.command()
+def serve(
+    config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
+    model: Annotated[str | None, typer.Option(help="Base model folder.")] = None,
+    adapters_dir: Annotated[Path | None, typer.Option(help="Folder of adapter folders.")] = None,
+    quantization: Annotated[str | None, typer.Option(help="e.g. fp8_per_channel, awq.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16, float16.")] = None,
+    host: Annotated[str | None, typer.Option(help="Listen address.")] = None,
+    port: Annotated[int | None, typer.Option(help="gRPC port.")] = None,
+    max_loras: Annotated[int | None, typer.Option(help="Adapters per batch.")] = None,
+    max_cpu_loras: Annotated[int | None, typer.Option(help="Adapters cached on CPU.")] = None,
+    max_lora_rank: Annotated[int | None, typer.Option(help="Largest LoRA rank.")] = None,
+    max_model_len: Annotated[int | None, typer.Option(help="Context length.")] = None,
+    kv_cache_space_gib: Annotated[float | None, typer.Option(help="CPU KV cache GiB.")] = None,
+    enforce_eager: Annotated[bool | None, typer.Option(help="Skip compilation.")] = None,
+    grace_period_s: Annotated[float | None, typer.Option(help="Drain time on SIGTERM.")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
+) -> None:
+    """Start the gateway (settings: config file < LORAPLEX_* env < flags)."""
+    flags = {k: v for k, v in locals().items() if k != "config"}
+    from gateway.config import ConfigError, load_config
+
+    try:
+        settings = load_config(config, **flags)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    _setup_logging(settings.log_level)
+    from gateway.server import serve as run_server
+
+    raise typer.Exit(run_server(settings))
+
+
+@app.command("tiny-model")
+def tiny_model(
+    out: Annotated[Path, typer.Option(help="Output folder (base/ and adapters/<name>/).")],
+    adapters: Annotated[int, typer.Option(help="Number of LoRA adapters to build.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the base; adapters use seed+i+1.")] = 0,
+) -> None:
+    """Build a tiny Llama base and N LoRA adapters, offline and deterministically."""
+    from trainer.tiny import build_tiny_model
+
+    built = build_tiny_model(out, adapters=adapters, seed=seed)
+    typer.echo(f"base: {built.base}")
+    for name, path in built.adapters.items():
+        typer.echo(f"adapter {name}: {path}")
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where the tiny model is built.")] = Path(
+        "build/demo"
+    ),
+    adapters: Annotated[int, typer.Option(help="Number of adapters.")] = 4,
+) -> None:
+    """Build a tiny model + adapters, serve them fp8-quantized, query all, shut down."""
+    from gateway.demo import run_demo
+
+    raise typer.Exit(run_demo(workdir, adapters))
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="Prompt text.")],
+    target: Target = "localhost:50051",
+    adapter: Annotated[str, typer.Option(help="Adapter reference; empty = base.")] = "",
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 32,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    stream: Annotated[bool, typer.Option(help="Print deltas as they arrive.")] = False,
+) -> None:
+    """Send one generation request to a running gateway."""
+    import grpc
+
+    from gateway.client import Client
+
+    with Client(target) as client:
+        try:
+            if stream:
+                for delta in client.stream(
+                    prompt, adapter, max_tokens=max_tokens, temperature=temperature
+                ):
+                    typer.echo(delta.text, nl=False)
+                typer.echo()
+            else:
+                reply = client.generate(
+                    prompt, adapter, max_tokens=max_tokens, temperature=temperature
+                )
+                typer.echo(reply.text)
+        except grpc.RpcError as exc:
+            typer.echo(f"error: {exc.code().name}: {exc.details()}", err=True)
+            raise typer.Exit(1) from exc
+
+
+@app.command("model-info")
+def model_info(target: Target = "localhost:50051") -> None:
+    """Print what a running gateway serves, as JSON."""
+    from gateway.client import Client
+
+    with Client(target) as client:
+        info = client.model_info()
+    typer.echo(json.dumps(MessageToDict(info, preserving_proto_field_name=True), indent=2))
+
+
+if __name__ == "__main__":
+    app()

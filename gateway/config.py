@@ -1,0 +1,118 @@
+"""Gateway configuration: one typed, documented field each; loaded from YAML < env < flags.
+
+Environment variables are ``LORAPLEX_<FIELD>`` (e.g. ``LORAPLEX_PORT=50052``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ENV_PREFIX = "LORAPLEX_"
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+MaxLoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message says which field and why."""
+
+
+class GatewayConfig(BaseModel):
+    """Everything `loraplex serve` needs to start the engine and the gRPC server."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+    model: str
+    """Base model: a local model folder (or a hub id on hosts that may download)."""
+    adapters_dir: Path | None = None
+    """Folder of adapters; every sub-folder with an adapter_config.json is served under its name."""
+    quantization: str | None = None
+    """Quantization of the base: `fp8_per_channel` (online, CPU), or awq/gptq/fp8/... on GPU."""
+    dtype: Dtype = "auto"
+    """Activation and unquantized weight dtype of the served base."""
+    max_loras: int = Field(default=4, ge=1)
+    """Adapters the engine can hold at once in batch slots (different adapters per batch)."""
+    max_cpu_loras: int | None = Field(default=None, ge=1)
+    """Adapters cached in CPU memory beyond the batch slots (>= max_loras; default max_loras)."""
+    max_lora_rank: MaxLoraRank = 16
+    """Largest LoRA rank the engine accepts; adapters above it are refused."""
+    max_model_len: int | None = Field(default=None, ge=16)
+    """Context length (prompt + generated tokens); default: the model's own."""
+    max_num_seqs: int | None = Field(default=None, ge=1)
+    """Most sequences in one engine batch; default: vLLM's."""
+    max_logprobs: int = Field(default=20, ge=0)
+    """Most alternatives a request may ask for per token (logprobs / prompt_logprobs)."""
+    kv_cache_space_gib: float = Field(default=1.0, gt=0)
+    """CPU engine only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."""
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    """GPU engine only: fraction of GPU memory vLLM may use."""
+    enforce_eager: bool = False
+    """Skip graph capture/compilation: faster start, slower steps."""
+    seed: int = 0
+    """Engine seed for sampling requests that do not set their own."""
+    host: str = "127.0.0.1"
+    """Address the gRPC server listens on."""
+    port: int = Field(default=50051, ge=0, le=65535)
+    """gRPC port (0 picks a free one and logs it)."""
+    grace_period_s: float = Field(default=20.0, ge=0)
+    """On SIGTERM: seconds in-flight requests get to finish before they are cancelled."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Log level of the gateway."""
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> GatewayConfig:
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(
+                f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})"
+            )
+        if self.adapters_dir is not None and not self.adapters_dir.is_dir():
+            raise ValueError(f"adapters_dir {self.adapters_dir} is not a directory")
+        return self
+
+
+def _env_values() -> dict[str, str]:
+    """Fields set through LORAPLEX_<FIELD> environment variables."""
+    values = {}
+    for name in GatewayConfig.model_fields:
+        raw = os.environ.get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            values[name] = raw
+    return values
+
+
+def _check_known_keys(values: dict[str, Any], source: str) -> None:
+    known = list(GatewayConfig.model_fields)
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{source}: unknown setting {key!r}{hint}")
+
+
+def load_config(config_file: Path | None = None, **overrides: Any) -> GatewayConfig:
+    """Merge the YAML file, environment and explicit overrides (flags), later ones winning."""
+    file_values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            file_values = yaml.safe_load(config_file.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
+        if not isinstance(file_values, dict):
+            raise ConfigError(f"{config_file}: expected a mapping of settings")
+        _check_known_keys(file_values, str(config_file))
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    _check_known_keys(flags, "flags")
+    try:
+        return GatewayConfig.model_validate({**file_values, **_env_values(), **flags})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from exc

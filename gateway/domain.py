@@ -1,0 +1,186 @@
+"""Domain types of the gateway and the engine protocol.
+
+Everything between the gRPC layer (generation.py) and vLLM (engine.py) speaks these types, so
+the servicers and the pipeline can be unit-tested with a small fake engine.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+class FinishReason(enum.Enum):
+    """Why a generation ended (mirrors loraplex.v1.FinishReason)."""
+
+    LENGTH = "length"
+    STOP_SEQUENCE = "stop_sequence"
+    EOS = "eos"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling parameters; None means the engine default."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+
+@dataclass(frozen=True)
+class Stopping:
+    """Stopping criteria; max_tokens None means up to the context length."""
+
+    max_tokens: int | None = None
+    min_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One completion request as the client sent it (prompt not yet tokenized)."""
+
+    request_id: str
+    adapter: str = ""
+    prompt_text: str | None = None
+    prompt_token_ids: tuple[int, ...] | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+    stopping: Stopping = field(default_factory=Stopping)
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    """An exact, immutable adapter version the engine can load."""
+
+    name: str
+    version: int
+    engine_id: int
+    path: Path
+    rank: int
+    target_modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """A validated request ready for the engine: tokenized prompt, concrete limits."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: Sampling
+    stopping: Stopping
+    max_tokens: int
+    logprobs: int | None
+    prompt_logprobs: int | None
+    adapter: ResolvedAdapter | None
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    """An alternative token at a position."""
+
+    token_id: int
+    token: str
+    logprob: float
+    rank: int
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The logprob of the token actually at a position; None for the first prompt token."""
+
+    token_id: int
+    token: str
+    logprob: float | None
+    rank: int
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of one request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+@dataclass
+class GenerationChunk:
+    """Output of the engine: a delta when streaming, the whole completion otherwise."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the engine serves; static after start-up."""
+
+    base_model: str
+    quantization: str
+    dtype: str
+    max_context_length: int
+    max_lora_rank: int
+    max_loras: int
+    max_logprobs: int
+    vocab_size: int
+    engine: str
+
+
+class Engine(Protocol):
+    """The engine interface; only gateway/engine.py implements it with vLLM."""
+
+    info: EngineInfo
+
+    def generate(self, request: EngineRequest, stream: bool) -> AsyncIterator[GenerationChunk]:
+        """Run one request; yields deltas when streaming, else one final chunk.
+
+        Closing the iterator early (client cancel, deadline) aborts the request in the engine.
+        """
+        ...
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request by id."""
+        ...
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of text in the base model's vocabulary."""
+        ...
+
+    def token_strings(self, token_ids: list[int]) -> list[str]:
+        """The token string of each id."""
+        ...
+
+    async def add_adapter(self, adapter: ResolvedAdapter) -> None:
+        """Load an adapter version into the engine ahead of its first request."""
+        ...
+
+    def unfinished_requests(self) -> int:
+        """Requests the engine holds (running or waiting)."""
+        ...
+
+    def is_healthy(self) -> bool:
+        """False once the engine has died."""
+        ...
+
+    async def shutdown(self) -> None:
+        """Stop the engine and its processes."""
+        ...

@@ -1,0 +1,259 @@
+"""The vLLM engine behind the gateway: the ONLY module that imports vLLM.
+
+`VllmEngine` implements `gateway.domain.Engine` on vLLM's `AsyncLLM` (the engine core runs in
+its own process, as vLLM does it); the gRPC server runs in this process's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+
+from gateway.config import GatewayConfig
+from gateway.domain import (
+    EngineInfo,
+    EngineRequest,
+    FinishReason,
+    GenerationChunk,
+    ResolvedAdapter,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from gateway.errors import AdapterUnavailable, EngineUnavailable, InvalidRequest
+
+log = logging.getLogger(__name__)
+
+
+def _prepare_platform(config: GatewayConfig) -> None:
+    """CPU: vLLM sizes its KV cache from NUMA node 0 only, so the size must be given."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{config.kv_cache_space_gib:g}")
+
+
+def _engine_args(config: GatewayConfig, enable_lora: bool):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return AsyncEngineArgs(
+        model=config.model,
+        dtype=config.dtype,
+        quantization=config.quantization,
+        enable_lora=enable_lora,
+        max_loras=config.max_loras,
+        max_cpu_loras=config.max_cpu_loras,
+        max_lora_rank=config.max_lora_rank,
+        max_model_len=config.max_model_len,
+        max_num_seqs=config.max_num_seqs,
+        max_logprobs=config.max_logprobs,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        enforce_eager=config.enforce_eager,
+        seed=config.seed,
+        disable_log_stats=False,
+    )
+
+
+def _top(entries: dict, limit: int) -> tuple[TopLogprob, ...]:
+    ranked = [
+        TopLogprob(tid, lp.decoded_token or "", lp.logprob, lp.rank)
+        for tid, lp in entries.items()
+        if lp.rank is not None and lp.rank <= limit
+    ]
+    return tuple(sorted(ranked, key=lambda t: t.rank))
+
+
+def _token_logprobs(
+    token_ids: list[int], positions: list, limit: int, first_is_context: bool = False
+) -> list[TokenLogprob]:
+    """vLLM's per-position {token_id: Logprob} dicts -> the actual token's logprob + top-N."""
+    result = []
+    for token_id, entries in zip(token_ids, positions, strict=True):
+        if entries is None:  # first prompt token: nothing to condition on
+            result.append(TokenLogprob(token_id, "", None, 0))
+            continue
+        chosen = entries[token_id]
+        top = _top(entries, limit) if limit > 0 else ()
+        result.append(
+            TokenLogprob(
+                token_id, chosen.decoded_token or "", chosen.logprob, chosen.rank or 0, top
+            )
+        )
+    return result
+
+
+_FINISH = {
+    "length": FinishReason.LENGTH,
+    "abort": FinishReason.CANCELLED,
+    "error": FinishReason.ERROR,
+}
+
+
+def _finish_reason(reason: str | None, stop_reason: int | str | None) -> FinishReason | None:
+    if reason is None:
+        return None
+    if reason == "stop":
+        return FinishReason.EOS if stop_reason is None else FinishReason.STOP_SEQUENCE
+    return _FINISH.get(reason, FinishReason.ERROR)
+
+
+class VllmEngine:
+    """`Engine` on vLLM's AsyncLLM: one base model, a LoRARequest per request."""
+
+    def __init__(self, llm, config: GatewayConfig, enable_lora: bool) -> None:  # noqa: ANN001
+        from vllm import __version__ as vllm_version
+
+        self._llm = llm
+        self._lora_enabled = enable_lora
+        self._tokenizer = llm.get_tokenizer()
+        model_config = llm.model_config
+        # Work around vLLM issues 16668 / 29955: with LoRA enabled, two or more requests that
+        # ask for prompt logprobs in the same engine batch crash the engine core (einsum shape
+        # error in add_lora_logits -> EngineDeadError), even without adapters. We admit such
+        # requests one at a time until their prefill is done (their first output arrives, which
+        # carries the prompt logprobs); ordinary requests and decode steps are not held back.
+        self._prompt_logprobs_gate = asyncio.Lock()
+        self.info = EngineInfo(
+            base_model=config.model,
+            quantization=config.quantization or "none",
+            dtype=str(model_config.dtype).removeprefix("torch."),
+            max_context_length=model_config.max_model_len,
+            max_lora_rank=config.max_lora_rank,
+            max_loras=config.max_loras if enable_lora else 0,
+            max_logprobs=config.max_logprobs,
+            vocab_size=model_config.get_vocab_size(),
+            engine=f"vllm {vllm_version}",
+        )
+
+    @classmethod
+    def start(cls, config: GatewayConfig, enable_lora: bool) -> VllmEngine:
+        """Start the engine core process and load the base model (tens of seconds)."""
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        _prepare_platform(config)
+        llm = AsyncLLM.from_engine_args(_engine_args(config, enable_lora))
+        return cls(llm, config, enable_lora)
+
+    def _lora_request(self, adapter: ResolvedAdapter | None):
+        if adapter is None:
+            return None
+        if not self._lora_enabled:
+            raise AdapterUnavailable("this gateway was started without LoRA support")
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(adapter.name, adapter.engine_id, str(adapter.path))
+
+    def _sampling_params(self, request: EngineRequest, output_kind_delta: bool):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        s, stop = request.sampling, request.stopping
+        defaults = {
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "top_k": s.top_k,
+            "min_p": s.min_p,
+            "repetition_penalty": s.repetition_penalty,
+            "presence_penalty": s.presence_penalty,
+            "frequency_penalty": s.frequency_penalty,
+        }
+        kind = RequestOutputKind.DELTA if output_kind_delta else RequestOutputKind.FINAL_ONLY
+        try:
+            return SamplingParams(
+                **{k: v for k, v in defaults.items() if v is not None},
+                seed=s.seed,
+                max_tokens=request.max_tokens,
+                min_tokens=stop.min_tokens,
+                stop=list(stop.stop) or None,
+                stop_token_ids=list(stop.stop_token_ids) or None,
+                ignore_eos=stop.ignore_eos,
+                logprobs=request.logprobs,
+                prompt_logprobs=request.prompt_logprobs,
+                output_kind=kind,
+            )
+        except ValueError as exc:  # vLLM's own checks, as a second line behind ours
+            raise InvalidRequest("sampling", str(exc)) from exc
+
+    async def generate(
+        self, request: EngineRequest, stream: bool
+    ) -> AsyncIterator[GenerationChunk]:
+        from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+        if self._llm.errored:
+            raise EngineUnavailable("the engine is not running")
+        gated = self._lora_enabled and request.prompt_logprobs is not None
+        params = self._sampling_params(request, output_kind_delta=stream or gated)
+        lora = self._lora_request(request.adapter)
+        prompt = TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
+        holding_gate = False
+        if gated:
+            await self._prompt_logprobs_gate.acquire()
+            holding_gate = True
+        first, generated = True, 0
+        try:
+            async for output in self._llm.generate(
+                prompt, params, request.request_id, lora_request=lora
+            ):
+                if holding_gate:
+                    self._prompt_logprobs_gate.release()
+                    holding_gate = False
+                chunk = self._chunk(output, request, first)
+                generated += len(chunk.token_ids)
+                if output.finished:
+                    chunk.usage = Usage(
+                        prompt_tokens=len(request.prompt_token_ids),
+                        completion_tokens=generated,
+                        cached_tokens=output.num_cached_tokens or 0,
+                    )
+                yield chunk
+                first = False
+        except EngineDeadError as exc:
+            raise EngineUnavailable("the engine died; the gateway is restarting") from exc
+        except EngineGenerateError as exc:
+            if self._llm.errored:
+                raise EngineUnavailable("the engine died; the gateway is restarting") from exc
+            raise
+        finally:
+            if holding_gate:
+                self._prompt_logprobs_gate.release()
+
+    def _chunk(self, output, request: EngineRequest, first: bool) -> GenerationChunk:  # noqa: ANN001
+        completion = output.outputs[0]
+        token_ids = list(completion.token_ids)
+        chunk = GenerationChunk(text=completion.text, token_ids=token_ids)
+        if request.logprobs is not None and completion.logprobs:
+            chunk.logprobs = _token_logprobs(token_ids, list(completion.logprobs), request.logprobs)
+        if first and request.prompt_logprobs is not None and output.prompt_logprobs:
+            chunk.prompt_logprobs = _token_logprobs(
+                list(output.prompt_token_ids), list(output.prompt_logprobs), request.prompt_logprobs
+            )
+        if output.finished:
+            chunk.finish_reason = _finish_reason(completion.finish_reason, completion.stop_reason)
+        return chunk
+
+    async def abort(self, request_id: str) -> None:
+        await self._llm.abort(request_id)
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def token_strings(self, token_ids: list[int]) -> list[str]:
+        return list(self._tokenizer.convert_ids_to_tokens(token_ids))
+
+    async def add_adapter(self, adapter: ResolvedAdapter) -> None:
+        try:
+            await self._llm.add_lora(self._lora_request(adapter))
+        except Exception as exc:
+            raise AdapterUnavailable(f"adapter {adapter.name!r} failed to load: {exc}") from exc
+
+    def unfinished_requests(self) -> int:
+        return self._llm.get_num_unfinished_requests()
+
+    def is_healthy(self) -> bool:
+        return not self._llm.errored
+
+    async def shutdown(self) -> None:
+        self._llm.shutdown()

@@ -1,0 +1,101 @@
+"""Domain errors and their one translation into gRPC status codes.
+
+Code raises the domain error that says what went wrong; `grpc_errors` turns it into a status at
+the gRPC boundary. An exception that is not a domain error is a bug: it is logged with its
+traceback and answered INTERNAL. A bad request is never INTERNAL.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+
+class LoraplexError(Exception):
+    """Base of the errors a client may see; `code` is the gRPC status."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidRequest(LoraplexError):
+    """The request is malformed; the message names the field."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class AdapterNotFound(LoraplexError):
+    """No adapter answers to the requested reference."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+    def __init__(self, reference: str) -> None:
+        super().__init__(f"adapter {reference!r} not found")
+        self.reference = reference
+
+
+class AdapterUnavailable(LoraplexError):
+    """The adapter exists but cannot be served (too large a rank, broken files, ...)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class EngineUnavailable(LoraplexError):
+    """The engine is starting, draining or dead; the client may retry elsewhere or later."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Overloaded(LoraplexError):
+    """Admission refused the request; retry later."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status and message for an exception raised while serving a request."""
+    if isinstance(exc, LoraplexError):
+        return exc.code, str(exc)
+    log.exception("internal error while serving a request", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see gateway logs"
+
+
+Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+
+def grpc_errors(handler: Handler) -> Handler:
+    """Wrap a grpc.aio servicer method (unary or server-streaming) with the error mapping."""
+    if inspect.isasyncgenfunction(handler):
+
+        @functools.wraps(handler)
+        async def stream_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                async for item in handler(self, request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - mapped (or logged as a bug) in status_of
+                await context.abort(*status_of(exc))
+
+        return stream_wrapper  # type: ignore[return-value]
+
+    @functools.wraps(handler)
+    async def unary_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await handler(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped (or logged as a bug) in status_of
+            await context.abort(*status_of(exc))
+
+    return unary_wrapper  # type: ignore[return-value]

@@ -1,0 +1,197 @@
+"""GenerationService servicer: proto <-> domain conversion only (TGI-style from_pb / to_pb).
+
+The work itself happens in `GenerationPipeline`; errors are mapped by `gateway.errors`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from gateway.domain import (
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    ResolvedAdapter,
+    Sampling,
+    Stopping,
+    TokenLogprob,
+    Usage,
+)
+from gateway.errors import EngineUnavailable, grpc_errors
+from gateway.pipeline import GenerationPipeline
+from loraplex.v1 import generation_pb2 as pb
+from loraplex.v1 import generation_pb2_grpc as pb_grpc
+
+_FINISH_TO_PB = {
+    None: pb.FINISH_REASON_UNSPECIFIED,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+    FinishReason.ERROR: pb.FINISH_REASON_ERROR,
+}
+
+
+def _optional(message: object, field: str) -> object | None:
+    return getattr(message, field) if message.HasField(field) else None  # type: ignore[attr-defined]
+
+
+def sampling_from_pb(s: pb.SamplingParams) -> Sampling:
+    """Unset optional fields stay None (engine default)."""
+    return Sampling(**{name: _optional(s, name) for name in Sampling.__dataclass_fields__})
+
+
+def stopping_from_pb(s: pb.StoppingCriteria) -> Stopping:
+    return Stopping(
+        max_tokens=_optional(s, "max_tokens"),
+        min_tokens=s.min_tokens,
+        stop=tuple(s.stop),
+        stop_token_ids=tuple(s.stop_token_ids),
+        ignore_eos=s.ignore_eos,
+    )
+
+
+def request_from_pb(r: pb.GenerateRequest | pb.GenerateStreamRequest) -> GenerationRequest:
+    """Both request messages carry the same fields."""
+    prompt = r.WhichOneof("prompt")
+    return GenerationRequest(
+        request_id=r.request_id,
+        adapter=r.adapter,
+        prompt_text=r.text if prompt == "text" else None,
+        prompt_token_ids=tuple(r.token_ids.ids) if prompt == "token_ids" else None,
+        sampling=sampling_from_pb(r.sampling),
+        stopping=stopping_from_pb(r.stopping),
+        logprobs=_optional(r, "logprobs"),
+        prompt_logprobs=_optional(r, "prompt_logprobs"),
+    )
+
+
+def logprobs_to_pb(items: list[TokenLogprob]) -> list[pb.TokenLogprob]:
+    return [
+        pb.TokenLogprob(
+            token_id=t.token_id,
+            token=t.token,
+            logprob=t.logprob,
+            rank=t.rank,
+            top_logprobs=[
+                pb.TopLogprob(token_id=a.token_id, token=a.token, logprob=a.logprob, rank=a.rank)
+                for a in t.top
+            ],
+        )
+        for t in items
+    ]
+
+
+def usage_to_pb(usage: Usage | None) -> pb.Usage | None:
+    if usage is None:
+        return None
+    return pb.Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cached_tokens=usage.cached_tokens,
+    )
+
+
+def adapter_to_pb(adapter: ResolvedAdapter | None) -> pb.ServedAdapter:
+    if adapter is None:
+        return pb.ServedAdapter()
+    return pb.ServedAdapter(name=adapter.name, version=adapter.version, engine_id=adapter.engine_id)
+
+
+def response_to_pb(
+    request_id: str, chunk: GenerationChunk, adapter: ResolvedAdapter | None
+) -> pb.GenerateResponse:
+    return pb.GenerateResponse(
+        request_id=request_id,
+        text=chunk.text,
+        token_ids=chunk.token_ids,
+        finish_reason=_FINISH_TO_PB[chunk.finish_reason],
+        usage=usage_to_pb(chunk.usage),
+        logprobs=logprobs_to_pb(chunk.logprobs),
+        prompt_logprobs=logprobs_to_pb(chunk.prompt_logprobs),
+        adapter=adapter_to_pb(adapter),
+    )
+
+
+def delta_to_pb(
+    request_id: str, chunk: GenerationChunk, adapter: ResolvedAdapter | None, first: bool
+) -> pb.GenerateStreamResponse:
+    return pb.GenerateStreamResponse(
+        request_id=request_id,
+        text=chunk.text,
+        token_ids=chunk.token_ids,
+        finish_reason=_FINISH_TO_PB[chunk.finish_reason],
+        usage=usage_to_pb(chunk.usage),
+        logprobs=logprobs_to_pb(chunk.logprobs),
+        prompt_logprobs=logprobs_to_pb(chunk.prompt_logprobs),
+        adapter=adapter_to_pb(adapter) if first else None,
+    )
+
+
+class GenerationServicer(pb_grpc.GenerationServiceServicer):
+    """Serves loraplex.v1.GenerationService once the engine is ready."""
+
+    def __init__(self, pipeline: Callable[[], GenerationPipeline | None]) -> None:
+        self._pipeline = pipeline
+
+    def _ready(self) -> GenerationPipeline:
+        pipeline = self._pipeline()
+        if pipeline is None:
+            raise EngineUnavailable("the engine is starting or shutting down")
+        if not pipeline.engine.is_healthy():
+            raise EngineUnavailable("the engine is not running")
+        return pipeline
+
+    @grpc_errors
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
+        pipeline = self._ready()
+        prepared = pipeline.prepare(request_from_pb(request))
+        result = await pipeline.complete(prepared)
+        return response_to_pb(prepared.request_id, result, prepared.adapter)
+
+    @grpc_errors
+    async def GenerateStream(
+        self, request: pb.GenerateStreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        pipeline = self._ready()
+        prepared = pipeline.prepare(request_from_pb(request))
+        first = True
+        async for chunk in pipeline.stream(prepared):
+            yield delta_to_pb(prepared.request_id, chunk, prepared.adapter, first)
+            first = False
+
+    @grpc_errors
+    async def Tokenize(
+        self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TokenizeResponse:
+        engine = self._ready().engine
+        ids = engine.tokenize(request.text, add_special_tokens=request.add_special_tokens)
+        return pb.TokenizeResponse(token_ids=ids, tokens=engine.token_strings(ids))
+
+    @grpc_errors
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelInfoResponse:
+        pipeline = self._ready()
+        info = pipeline.engine.info
+        return pb.GetModelInfoResponse(
+            base_model=info.base_model,
+            quantization=info.quantization,
+            dtype=info.dtype,
+            max_context_length=info.max_context_length,
+            max_lora_rank=info.max_lora_rank,
+            max_loras=info.max_loras,
+            adapters=[
+                pb.AdapterSummary(
+                    name=a.name, version=a.version, rank=a.rank, target_modules=a.target_modules
+                )
+                for a in pipeline.resolver.servable()
+            ],
+            vocab_size=info.vocab_size,
+            engine=info.engine,
+            unfinished_requests=pipeline.engine.unfinished_requests(),
+        )

@@ -1,0 +1,138 @@
+"""Adapter references -> exact adapter versions the engine can load.
+
+`AdapterResolver` is the seam the registry plugs into. `DirectoryResolver` serves every
+sub-folder of a directory that holds an `adapter_config.json`, named after the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from gateway.domain import ResolvedAdapter
+from gateway.errors import AdapterNotFound, AdapterUnavailable
+
+log = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+class AdapterResolver(Protocol):
+    """Turns the adapter reference of a request into one immutable adapter version."""
+
+    def resolve(self, reference: str) -> ResolvedAdapter:
+        """The adapter version for a non-empty reference; raises AdapterNotFound."""
+        ...
+
+    def servable(self) -> list[ResolvedAdapter]:
+        """Adapters that can be requested now."""
+        ...
+
+
+@dataclass(frozen=True)
+class _Entry:
+    adapter: ResolvedAdapter | None
+    problem: str | None
+    fingerprint: tuple[int, int]
+
+
+def read_adapter_config(folder: Path) -> tuple[int, tuple[str, ...]]:
+    """Rank and target modules from a peft adapter folder; ValueError if it is not LoRA."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"peft_type {config.get('peft_type')!r} is not LORA")
+    rank = int(config["r"])
+    modules = config.get("target_modules") or ()
+    if isinstance(modules, str):
+        modules = (modules,)
+    return rank, tuple(sorted(modules))
+
+
+class DirectoryResolver:
+    """Serves the adapters found in a directory; rescans on an unknown name (at most 1/s).
+
+    Each (name, file fingerprint) gets its own engine id, so an adapter whose files change is
+    loaded under a new id instead of silently reusing weights cached under the old one.
+    """
+
+    def __init__(self, root: Path, max_lora_rank: int, rescan_interval_s: float = 1.0) -> None:
+        self.root = root
+        self.max_lora_rank = max_lora_rank
+        self.rescan_interval_s = rescan_interval_s
+        self._entries: dict[str, _Entry] = {}
+        self._ids: dict[tuple[str, tuple[int, int]], int] = {}
+        self._last_scan = 0.0
+        self._lock = threading.Lock()
+        self.scan()
+
+    def _fingerprint(self, folder: Path) -> tuple[int, int]:
+        for name in WEIGHT_FILES:
+            weights = folder / name
+            if weights.is_file():
+                stat = weights.stat()
+                return stat.st_size, stat.st_mtime_ns
+        raise ValueError(f"no adapter weights ({' or '.join(WEIGHT_FILES)})")
+
+    def _engine_id(self, name: str, fingerprint: tuple[int, int]) -> int:
+        key = (name, fingerprint)
+        if key not in self._ids:
+            self._ids[key] = len(self._ids) + 1
+        return self._ids[key]
+
+    def _load_entry(self, folder: Path) -> _Entry:
+        try:
+            fingerprint = self._fingerprint(folder)
+            rank, modules = read_adapter_config(folder)
+        except (OSError, ValueError, KeyError) as exc:
+            return _Entry(None, f"adapter {folder.name!r} is unreadable: {exc}", (0, 0))
+        if rank > self.max_lora_rank:
+            problem = (
+                f"adapter {folder.name!r} has rank {rank} > the gateway's max_lora_rank "
+                f"{self.max_lora_rank}"
+            )
+            return _Entry(None, problem, fingerprint)
+        engine_id = self._engine_id(folder.name, fingerprint)
+        adapter = ResolvedAdapter(folder.name, 0, engine_id, folder.resolve(), rank, modules)
+        return _Entry(adapter, None, fingerprint)
+
+    def scan(self) -> None:
+        """Re-read the directory: new adapters appear, removed ones disappear."""
+        with self._lock:
+            entries = {}
+            for folder in sorted(self.root.iterdir()):
+                if (folder / "adapter_config.json").is_file():
+                    entry = self._load_entry(folder)
+                    if entry.problem and folder.name not in self._entries:
+                        log.warning("%s; it will not be served", entry.problem)
+                    entries[folder.name] = entry
+            self._entries = entries
+            self._last_scan = time.monotonic()
+
+    def resolve(self, reference: str) -> ResolvedAdapter:
+        entry = self._entries.get(reference)
+        if entry is None and time.monotonic() - self._last_scan >= self.rescan_interval_s:
+            self.scan()
+            entry = self._entries.get(reference)
+        if entry is None:
+            raise AdapterNotFound(reference)
+        if entry.adapter is None:
+            raise AdapterUnavailable(entry.problem)
+        return entry.adapter
+
+    def servable(self) -> list[ResolvedAdapter]:
+        return [e.adapter for e in self._entries.values() if e.adapter is not None]
+
+
+class NoAdapters:
+    """Resolver for a gateway started without adapters: every reference is unknown."""
+
+    def resolve(self, reference: str) -> ResolvedAdapter:
+        raise AdapterNotFound(reference)
+
+    def servable(self) -> list[ResolvedAdapter]:
+        return []

@@ -1,0 +1,138 @@
+"""Builds and runs the gateway: grpc.aio server + vLLM engine in one process.
+
+The gRPC server listens first (health NOT_SERVING) so probes get an answer while the engine
+loads; health turns SERVING once the engine is up. SIGTERM/SIGINT drain: health goes
+NOT_SERVING, new calls are refused, in-flight calls get `grace_period_s` to finish, exit 0.
+If the engine dies, health goes NOT_SERVING and the process exits 1 so a supervisor restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gateway.config import GatewayConfig
+from gateway.domain import Engine
+from gateway.generation import GenerationServicer
+from gateway.pipeline import GenerationPipeline
+from gateway.resolver import AdapterResolver, DirectoryResolver, NoAdapters
+from loraplex.v1 import generation_pb2, generation_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+WATCHDOG_INTERVAL_S = 1.0
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def build_resolver(config: GatewayConfig) -> AdapterResolver:
+    """Directory mode when adapters_dir is set; otherwise the base model only."""
+    if config.adapters_dir is None:
+        return NoAdapters()
+    return DirectoryResolver(config.adapters_dir, config.max_lora_rank)
+
+
+class Gateway:
+    """One gateway process: the gRPC server, the engine and their lifecycle."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.pipeline: GenerationPipeline | None = None
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ]
+        )
+        generation_pb2_grpc.add_GenerationServiceServicer_to_server(
+            GenerationServicer(lambda: self.pipeline), self.server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [
+                GENERATION_SERVICE,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            self.server,
+        )
+        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        self._stop = asyncio.Event()
+        self._exit_code = 0
+
+    async def _set_health(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", GENERATION_SERVICE):
+            await self.health.set(service, status)
+
+    async def _start_engine(self, resolver: AdapterResolver) -> Engine:
+        from gateway.engine import VllmEngine  # the only vLLM import
+
+        enable_lora = self.config.adapters_dir is not None
+        engine = await asyncio.to_thread(VllmEngine.start, self.config, enable_lora)
+        for adapter in resolver.servable()[: self.config.max_cpu_loras or self.config.max_loras]:
+            try:
+                await engine.add_adapter(adapter)
+            except Exception as exc:  # noqa: BLE001 - a broken adapter must not stop the gateway
+                log.warning("pre-loading adapter %s failed: %s", adapter.name, exc)
+        return engine
+
+    async def _watchdog(self, engine: Engine) -> None:
+        while not self._stop.is_set():
+            if not engine.is_healthy():
+                log.error("the engine died; health NOT_SERVING, exiting 1 for a restart")
+                await self._set_health(False)
+                self._exit_code = 1
+                self._stop.set()
+                return
+            await asyncio.sleep(WATCHDOG_INTERVAL_S)
+
+    def request_stop(self) -> None:
+        """Begin a graceful drain (signal handler)."""
+        log.info("stop requested: draining for up to %.0fs", self.config.grace_period_s)
+        self._stop.set()
+
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT or engine death; returns the process exit code."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self._set_health(False)
+        await self.server.start()
+        log.info("loraplex gateway listening on %s:%d", self.config.host, self.port)
+        resolver = build_resolver(self.config)
+        engine = await self._start_engine(resolver)
+        watchdog = None
+        if not self._stop.is_set():
+            self.pipeline = GenerationPipeline(engine, resolver)
+            await self._set_health(True)
+            log.info("engine ready: %s, %d adapters", engine.info.engine, len(resolver.servable()))
+            watchdog = asyncio.create_task(self._watchdog(engine))
+        await self._stop.wait()
+        await self._set_health(False)
+        await self.server.stop(self.config.grace_period_s)
+        if watchdog is not None:
+            watchdog.cancel()
+        self.pipeline = None
+        await engine.shutdown()
+        log.info("gateway stopped (exit %d)", self._exit_code)
+        return self._exit_code
+
+
+def serve(config: GatewayConfig) -> int:
+    """Run a gateway in a fresh event loop; returns its exit code."""
+
+    async def main() -> int:  # grpc.aio objects must be created inside the running loop
+        return await Gateway(config).run()
+
+    return asyncio.run(main())

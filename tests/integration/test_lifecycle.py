@@ -1,0 +1,71 @@
+"""A second real gateway, fp8-quantized like the demo: adapters still differ; SIGTERM drains."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from gateway.client import AsyncClient
+from loraplex.v1 import generation_pb2 as pb
+from tests.conftest import launch_gateway
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def fp8_gateway(tiny_model, tmp_path_factory):
+    log = tmp_path_factory.mktemp("fp8") / "gateway.log"
+    running = launch_gateway(
+        tiny_model, log, "--quantization", "fp8_per_channel", "--dtype", "bfloat16",
+        "--grace-period-s", "30",
+    )  # fmt: skip
+    yield running
+    if running.process.poll() is None:
+        running.process.kill()
+
+
+async def test_fp8_base_serves_distinct_adapters(fp8_gateway, tiny_model):
+    async with AsyncClient(fp8_gateway.target) as client:
+        info = await client.model_info()
+        assert info.quantization == "fp8_per_channel" and info.dtype == "bfloat16"
+        names = ["", *sorted(tiny_model.adapters)]
+        replies = await asyncio.gather(
+            *[client.generate("The weather today is", a, temperature=0.0, max_tokens=12,
+                              ignore_eos=True) for a in names]
+        )  # fmt: skip
+    assert [r.adapter.name for r in replies] == names
+    assert len({tuple(r.token_ids) for r in replies}) == len(names)
+
+
+async def test_sigterm_finishes_in_flight_refuses_new_and_exits_zero(fp8_gateway):
+    async with AsyncClient(fp8_gateway.target) as client:
+        calls = [
+            client.stub.GenerateStream(
+                pb.GenerateStreamRequest(
+                    text=f"Story number {i}:", adapter="alpha" if i % 2 else "",
+                    stopping=pb.StoppingCriteria(max_tokens=96, ignore_eos=True),
+                )
+            )
+            for i in range(8)
+        ]  # fmt: skip
+        for call in calls:  # every stream is running in the engine before the signal
+            await call.read()
+        fp8_gateway.process.terminate()
+        await asyncio.sleep(0.5)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.generate("too late", max_tokens=4, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+        async def finish(call) -> tuple[int, int]:
+            tokens, last = 1, None
+            while (delta := await call.read()) != grpc.aio.EOF:
+                tokens += len(delta.token_ids)
+                last = delta
+            return tokens, last.finish_reason
+
+        results = await asyncio.gather(*[finish(c) for c in calls])
+    assert all(reason == pb.FINISH_REASON_LENGTH for _, reason in results)
+    assert all(tokens >= 96 for tokens, _ in results)
+    assert await asyncio.to_thread(fp8_gateway.process.wait, 60) == 0

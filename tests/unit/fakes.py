@@ -1,0 +1,76 @@
+"""A small fake engine: deterministic tokens, for fast tests of everything above the engine."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from gateway.domain import (
+    EngineInfo,
+    EngineRequest,
+    FinishReason,
+    GenerationChunk,
+    ResolvedAdapter,
+    Usage,
+)
+
+INFO = EngineInfo(
+    base_model="fake",
+    quantization="none",
+    dtype="float32",
+    max_context_length=64,
+    max_lora_rank=16,
+    max_loras=4,
+    max_logprobs=5,
+    vocab_size=100,
+    engine="fake 0",
+)
+
+
+class FakeEngine:
+    """Echoes (adapter engine id + position) as tokens; can be made unhealthy or buggy."""
+
+    def __init__(self) -> None:
+        self.info = INFO
+        self.healthy = True
+        self.fail_with: Exception | None = None
+        self.seen: list[EngineRequest] = []
+
+    async def generate(
+        self, request: EngineRequest, stream: bool
+    ) -> AsyncIterator[GenerationChunk]:
+        self.seen.append(request)
+        if self.fail_with is not None:
+            raise self.fail_with
+        offset = request.adapter.engine_id if request.adapter else 0
+        tokens = [(offset + i) % INFO.vocab_size for i in range(request.max_tokens)]
+        pieces = [[t] for t in tokens] if stream else [tokens]
+        for n, piece in enumerate(pieces, start=1):
+            done = n == len(pieces)
+            yield GenerationChunk(
+                text="".join(f"<{t}>" for t in piece),
+                token_ids=piece,
+                finish_reason=FinishReason.LENGTH if done else None,
+                usage=Usage(len(request.prompt_token_ids), len(tokens)) if done else None,
+            )
+
+    async def abort(self, request_id: str) -> None:
+        return None
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = [ord(c) % INFO.vocab_size for c in text]
+        return [1, *ids] if add_special_tokens else ids
+
+    def token_strings(self, token_ids: list[int]) -> list[str]:
+        return [f"<{t}>" for t in token_ids]
+
+    async def add_adapter(self, adapter: ResolvedAdapter) -> None:
+        return None
+
+    def unfinished_requests(self) -> int:
+        return 0
+
+    def is_healthy(self) -> bool:
+        return self.healthy
+
+    async def shutdown(self) -> None:
+        return None

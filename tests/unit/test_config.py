@@ -1,0 +1,56 @@
+"""Gateway config: file < env < flags, unknown keys rejected with a suggestion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, GatewayConfig, load_config
+
+
+def test_precedence_file_env_flags(tmp_path, monkeypatch):
+    config_file = tmp_path / "gateway.yaml"
+    config_file.write_text("model: /models/base\nport: 1000\nmax_loras: 2\n")
+    monkeypatch.setenv("LORAPLEX_PORT", "2000")
+    monkeypatch.setenv("LORAPLEX_MAX_LORAS", "3")
+    config = load_config(config_file, max_loras=5)
+    assert (config.model, config.port, config.max_loras) == ("/models/base", 2000, 5)
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path):
+    config_file = tmp_path / "gateway.yaml"
+    config_file.write_text("model: m\nmax_lora: 4\n")
+    with pytest.raises(ConfigError, match="did you mean 'max_loras'"):
+        load_config(config_file)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"max_loras": 4, "max_cpu_loras": 2}, "max_cpu_loras"),
+        ({"max_lora_rank": 12}, "max_lora_rank"),
+        ({"port": 70000}, "port"),
+        ({"dtype": "float64"}, "dtype"),
+        ({"adapters_dir": "/no/such/dir"}, "adapters_dir"),
+    ],
+)
+def test_invalid_values_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(model="m", **overrides)
+
+
+def test_missing_model_is_an_error():
+    with pytest.raises(ConfigError, match="model"):
+        load_config()
+
+
+def test_every_field_is_documented():
+    undocumented = [n for n, f in GatewayConfig.model_fields.items() if not f.description]
+    assert undocumented == []
+
+
+def test_readme_documents_every_field():
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    missing = [n for n in GatewayConfig.model_fields if f"| `{n}` |" not in readme]
+    assert missing == []

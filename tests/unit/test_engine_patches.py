@@ -1,0 +1,37 @@
+"""The vLLM CPU LoRA-op fix: tokens without an adapter (index -1) are left untouched."""
+
+from __future__ import annotations
+
+import torch
+from vllm.lora.ops.torch_ops import lora_ops
+
+from gateway.engine_patches import _skip_rows_without_lora, register
+
+
+def test_index_minus_one_no_longer_picks_the_last_slot():
+    torch.manual_seed(0)
+    inputs = torch.randn(3, 8)
+    weights = torch.randn(2, 1, 4, 8)  # 2 adapter slots, rank 4
+    indices = torch.tensor([0, -1, 1])
+    upstream = getattr(lora_ops.bgmv_shrink, "__wrapped__", lora_ops.bgmv_shrink)
+    buggy = torch.zeros(3, 4)
+    upstream(inputs, weights, buggy, indices)
+    assert buggy[1].abs().sum() > 0, "upstream op no longer wraps -1; the patch may be dropped"
+
+    fixed = torch.zeros(3, 4)
+    _skip_rows_without_lora(upstream)(inputs, weights, fixed, indices)
+    assert torch.equal(fixed[1], torch.zeros(4))
+    assert torch.allclose(fixed[0], weights[0, 0] @ inputs[0])
+    assert torch.allclose(fixed[2], weights[1, 0] @ inputs[2])
+
+
+def test_expand_with_add_inputs_leaves_base_rows_unchanged():
+    register()
+    inputs = torch.randn(3, 4)
+    weights = torch.randn(2, 1, 8, 4)
+    output = torch.ones(3, 8)
+    lora_ops.bgmv_expand(inputs, weights, output, torch.tensor([-1, 1, -1]), add_inputs=True)
+    assert torch.equal(output[0], torch.ones(8)) and torch.equal(output[2], torch.ones(8))
+    assert torch.allclose(output[1], 1 + weights[1, 0] @ inputs[1])
+    register()  # idempotent: no double wrapping
+    assert not hasattr(lora_ops.bgmv_expand.__wrapped__, "__loraplex_patched__")

@@ -1,0 +1,55 @@
+"""Directory-mode adapter resolution."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from gateway.errors import AdapterNotFound, AdapterUnavailable
+from gateway.resolver import DirectoryResolver
+from tests.unit.test_servicer import make_adapter
+
+
+def test_resolves_folders_with_stable_ids(tmp_path):
+    make_adapter(tmp_path, "alpha")
+    make_adapter(tmp_path, "beta", rank=16)
+    (tmp_path / "not-an-adapter").mkdir()
+    resolver = DirectoryResolver(tmp_path, max_lora_rank=16)
+    alpha, beta = resolver.resolve("alpha"), resolver.resolve("beta")
+    assert (alpha.engine_id, beta.engine_id, beta.rank) == (1, 2, 16)
+    assert alpha.target_modules == ("q_proj", "v_proj")
+    resolver.scan()
+    assert resolver.resolve("alpha").engine_id == 1
+    assert sorted(a.name for a in resolver.servable()) == ["alpha", "beta"]
+
+
+def test_new_adapter_is_found_by_rescan_and_unknown_is_not_found(tmp_path):
+    resolver = DirectoryResolver(tmp_path, max_lora_rank=16, rescan_interval_s=0)
+    with pytest.raises(AdapterNotFound, match="gamma"):
+        resolver.resolve("gamma")
+    make_adapter(tmp_path, "gamma")
+    assert resolver.resolve("gamma").name == "gamma"
+
+
+def test_changed_weights_get_a_new_engine_id(tmp_path):
+    make_adapter(tmp_path, "alpha")
+    resolver = DirectoryResolver(tmp_path, max_lora_rank=16)
+    before = resolver.resolve("alpha").engine_id
+    weights = tmp_path / "alpha" / "adapter_model.safetensors"
+    weights.write_bytes(b"retrained weights")
+    os.utime(weights, ns=(1, 10**18))
+    resolver.scan()
+    assert resolver.resolve("alpha").engine_id != before
+
+
+def test_unservable_adapters_say_why(tmp_path):
+    make_adapter(tmp_path, "big", rank=32)
+    make_adapter(tmp_path, "broken")
+    (tmp_path / "broken" / "adapter_config.json").write_text("{not json")
+    resolver = DirectoryResolver(tmp_path, max_lora_rank=16)
+    with pytest.raises(AdapterUnavailable, match="rank 32"):
+        resolver.resolve("big")
+    with pytest.raises(AdapterUnavailable, match="unreadable"):
+        resolver.resolve("broken")
+    assert resolver.servable() == []

@@ -35,6 +35,13 @@ def _prepare_platform(config: GatewayConfig) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{config.kv_cache_space_gib:g}")
 
 
+def _prompt_logprobs_fixed() -> bool:
+    """True where gateway/engine_patches.py fixes vLLM's prompt-logprobs LoRA crash (CPU)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
 def _engine_args(config: GatewayConfig, enable_lora: bool):
     from vllm.engine.arg_utils import AsyncEngineArgs
 
@@ -109,11 +116,12 @@ class VllmEngine:
         self._lora_enabled = enable_lora
         self._tokenizer = llm.get_tokenizer()
         model_config = llm.model_config
-        # Work around vLLM issues 16668 / 29955: with LoRA enabled, two or more requests that
-        # ask for prompt logprobs in the same engine batch crash the engine core (einsum shape
-        # error in add_lora_logits -> EngineDeadError), even without adapters. We admit such
-        # requests one at a time until their prefill is done (their first output arrives, which
-        # carries the prompt logprobs); ordinary requests and decode steps are not held back.
+        # vLLM issues 16668 / 29955: with LoRA enabled, a prompt-logprob request batched with
+        # other requests crashes the engine core (einsum shape error in add_lora_logits ->
+        # EngineDeadError). On CPU, gateway/engine_patches.py FIXES it inside vLLM (exact, tested).
+        # Elsewhere (vLLM's Triton path, which we cannot test here) we only mitigate: such
+        # requests enter one at a time, until their prefill is done.
+        self._gate_prompt_logprobs = enable_lora and not _prompt_logprobs_fixed()
         self._prompt_logprobs_gate = asyncio.Lock()
         self.info = EngineInfo(
             base_model=config.model,
@@ -184,7 +192,7 @@ class VllmEngine:
 
         if self._llm.errored:
             raise EngineUnavailable("the engine is not running")
-        gated = self._lora_enabled and request.prompt_logprobs is not None
+        gated = self._gate_prompt_logprobs and request.prompt_logprobs is not None
         params = self._sampling_params(request, output_kind_delta=stream or gated)
         lora = self._lora_request(request.adapter)
         prompt = TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))

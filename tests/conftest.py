@@ -14,13 +14,13 @@ from gateway.client import Client, wait_until_serving
 from gateway.demo import free_port, start_gateway
 from trainer.tiny import TinyModel, build_tiny_model
 
-N_ADAPTERS = 4
+N_ADAPTERS = 5  # one more than the engine's 4 slots, and one with an lm_head LoRA
 MAX_MODEL_LEN = 512
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
-    """A tiny Llama base and 4 LoRA adapters with different ranks and target modules."""
+    """A tiny Llama base and 5 LoRA adapters with different ranks and target modules."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny"), adapters=N_ADAPTERS)
 
 

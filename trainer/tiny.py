@@ -22,7 +22,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 
 VOCAB_SIZE = 1024
 CORPUS = Path(__file__).parent / "assets" / "tiny_corpus.txt"
-BUILD_VERSION = 1  # bump when the output format or recipe changes, to invalidate stamps
+BUILD_VERSION = 2  # bump when the output format or recipe changes, to invalidate stamps
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 GREEK = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -32,6 +32,8 @@ ADAPTER_SHAPES: list[tuple[int, list[str]]] = [
     (16, ["q_proj", "k_proj", "v_proj", "o_proj"]),
     (4, ["gate_proj", "up_proj", "down_proj"]),
     (8, ALL_LINEAR),
+    # An lm_head LoRA changes the logits layer itself (vLLM's LogitsProcessorWithLoRA path).
+    (8, ["q_proj", "v_proj", "lm_head"]),
 ]
 # Plain-text turns keep the template usable with only the four special tokens;
 # {% generation %} lets transformers return an assistant-token mask for training.

@@ -136,17 +136,29 @@ def test_stream_concatenates_to_unary_and_logprobs_match_hf(gateway, hf, tiny_mo
 
 
 async def test_concurrent_prompt_logprobs_keep_engine_alive(gateway, hf, adapters):
-    """vLLM issues 16668/29955: concurrent prompt-logprob requests with LoRA kill the engine."""
+    """vLLM issues 16668/29955: prompt-logprob requests batched with others killed the engine.
+
+    16 prompt-logprob requests over the base and every adapter (one has an lm_head LoRA, so the
+    logits layer's adapter mapping matters numerically) while other requests are decoding.
+    """
     jobs = [(adapters[i % len(adapters)], PROMPTS[i]) for i in range(16)]
-    replies = await _generate_all(gateway.target, jobs, max_tokens=2, prompt_logprobs=1, **GREEDY)
+    async with AsyncClient(gateway.target) as client:
+        background = [
+            asyncio.create_task(client.generate(p, a, max_tokens=160, **GREEDY))
+            for a, p in zip(adapters, PROMPTS[16:], strict=False)
+        ]
+        await asyncio.sleep(0.2)
+        replies = await asyncio.gather(
+            *[client.generate(p, a, max_tokens=2, prompt_logprobs=1, **GREEDY) for a, p in jobs]
+        )
+        decoded = await asyncio.gather(*background)
+    assert all(len(r.token_ids) == 160 for r in decoded)
     for (adapter, prompt), reply in zip(jobs, replies, strict=True):
         ids = hf.tokenizer(prompt).input_ids
         ref = hf.greedy(adapter, ids, 2)
         got = [p.logprob for p in reply.prompt_logprobs[1:]]
-        assert (
-            max(abs(a - b) for a, b in zip(got, ref.prompt_logprobs, strict=True))
-            < LOGPROB_TOLERANCE
-        )
+        worst = max(abs(a - b) for a, b in zip(got, ref.prompt_logprobs, strict=True))
+        assert worst < LOGPROB_TOLERANCE, (adapter, prompt, worst)
         assert list(reply.token_ids) == ref.tokens
     with gateway.client() as client:  # the engine is still serving
         assert len(client.generate("still alive?", max_tokens=4, **GREEDY).token_ids) == 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from vllm.lora.ops.torch_ops import lora_ops
 
@@ -35,3 +36,37 @@ def test_expand_with_add_inputs_leaves_base_rows_unchanged():
     assert torch.allclose(output[1], 1 + weights[1, 0] @ inputs[1])
     register()  # idempotent: no double wrapping
     assert not hasattr(lora_ops.bgmv_expand.__wrapped__, "__loraplex_patched__")
+
+
+class _Punica:
+    """The two index views of vLLM's punica wrapper that add_lora_logits reads."""
+
+    def __init__(self, per_request, per_token):
+        self.sampler_indices = torch.tensor(per_request)
+        self.token_lora_indices = torch.tensor(per_token)
+
+
+def test_prompt_logit_rows_use_their_own_tokens_adapter():
+    from gateway import engine_patches
+
+    batch = torch.randn(7, 4)  # tokens of 3 requests: [0,0,0 | 1,1 | -1,-1]
+    punica = _Punica([0, 1, -1], [0, 0, 0, 1, 1, -1, -1])
+    assert engine_patches._logits_lora_indices(punica, batch[:3]).tolist() == [0, 1, -1]
+    run = engine_patches._with_batch_hidden_states(
+        lambda self, hidden: engine_patches._logits_lora_indices(punica, hidden[3:5]).tolist()
+    )
+    assert run(None, batch) == [1, 1]
+    assert engine_patches._prompt_batch_hidden_states is None
+    with pytest.raises(RuntimeError, match="cannot map"):
+        engine_patches._logits_lora_indices(punica, torch.randn(2, 4))
+
+
+def test_a_lone_base_request_with_many_rows_is_left_untouched():
+    """One base request's prompt logits: index [-1] for all rows must not pick the last slot."""
+    inputs, weights = torch.randn(5, 4), torch.randn(2, 1, 8, 4)
+    output = torch.ones(5, 8)
+    upstream = getattr(lora_ops.bgmv_expand, "__wrapped__", lora_ops.bgmv_expand)
+    _skip_rows_without_lora(upstream)(
+        inputs, weights, output, torch.tensor([-1]), add_inputs=True
+    )
+    assert torch.equal(output, torch.ones(5, 8))

@@ -66,7 +66,5 @@ def test_a_lone_base_request_with_many_rows_is_left_untouched():
     inputs, weights = torch.randn(5, 4), torch.randn(2, 1, 8, 4)
     output = torch.ones(5, 8)
     upstream = getattr(lora_ops.bgmv_expand, "__wrapped__", lora_ops.bgmv_expand)
-    _skip_rows_without_lora(upstream)(
-        inputs, weights, output, torch.tensor([-1]), add_inputs=True
-    )
+    _skip_rows_without_lora(upstream)(inputs, weights, output, torch.tensor([-1]), add_inputs=True)
     assert torch.equal(output, torch.ones(5, 8))

@@ -52,6 +52,9 @@ class GatewayConfig(BaseModel):
     """CPU engine only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."""
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     """GPU engine only: fraction of GPU memory vLLM may use."""
+    executor_backend: Literal["mp", "uni"] | None = None
+    """Where the model runs: `uni` in the engine-core process, `mp` in worker processes;
+    default: vLLM's choice (mp)."""
     enforce_eager: bool = False
     """Skip graph capture/compilation: faster start, slower steps."""
     seed: int = 0

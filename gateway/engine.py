@@ -58,6 +58,7 @@ def _engine_args(config: GatewayConfig, enable_lora: bool):
         max_logprobs=config.max_logprobs,
         gpu_memory_utilization=config.gpu_memory_utilization,
         enforce_eager=config.enforce_eager,
+        distributed_executor_backend=config.executor_backend,
         seed=config.seed,
         disable_log_stats=False,
     )

@@ -8,7 +8,6 @@ traceback and answered INTERNAL. A bad request is never INTERNAL.
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -74,23 +73,10 @@ Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
 def grpc_errors(handler: Handler) -> Handler:
-    """Wrap a grpc.aio servicer method (unary or server-streaming) with the error mapping."""
-    if inspect.isasyncgenfunction(handler):
-
-        @functools.wraps(handler)
-        async def stream_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            try:
-                async for item in handler(self, request, context):
-                    yield item
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - mapped (or logged as a bug) in status_of
-                await context.abort(*status_of(exc))
-
-        return stream_wrapper  # type: ignore[return-value]
+    """Wrap a grpc.aio servicer coroutine (unary, or streaming through `context.write`)."""
 
     @functools.wraps(handler)
-    async def unary_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await handler(self, request, context)
         except grpc.aio.AbortError:
@@ -98,4 +84,4 @@ def grpc_errors(handler: Handler) -> Handler:
         except Exception as exc:  # noqa: BLE001 - mapped (or logged as a bug) in status_of
             await context.abort(*status_of(exc))
 
-    return unary_wrapper  # type: ignore[return-value]
+    return wrapper  # type: ignore[return-value]

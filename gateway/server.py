@@ -13,6 +13,7 @@ import logging
 import signal
 
 import grpc
+import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -48,6 +49,9 @@ class Gateway:
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                # HTTP/2 BDP probing pings (window tuning for bulk transfers over long links)
+                # cost token streams +15-30% throughput and 4x the TTFT p99 (benchmarks/).
+                ("grpc.http2.bdp_probe", 0),
             ]
         )
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
@@ -135,4 +139,5 @@ def serve(config: GatewayConfig) -> int:
     async def main() -> int:  # grpc.aio objects must be created inside the running loop
         return await Gateway(config).run()
 
-    return asyncio.run(main())
+    # uvloop: measured +23% streaming throughput over asyncio's default loop (benchmarks/).
+    return uvloop.run(main())

@@ -100,33 +100,33 @@ def adapter_to_pb(adapter: ResolvedAdapter | None) -> pb.ServedAdapter:
     return pb.ServedAdapter(name=adapter.name, version=adapter.version, engine_id=adapter.engine_id)
 
 
+def _completion_fields(request_id: str, chunk: GenerationChunk) -> dict:
+    """The fields GenerateResponse and GenerateStreamResponse share."""
+    return {
+        "request_id": request_id,
+        "text": chunk.text,
+        "token_ids": chunk.token_ids,
+        "finish_reason": _FINISH_TO_PB[chunk.finish_reason],
+        "usage": usage_to_pb(chunk.usage),
+        "logprobs": logprobs_to_pb(chunk.logprobs),
+        "prompt_logprobs": logprobs_to_pb(chunk.prompt_logprobs),
+    }
+
+
 def response_to_pb(
     request_id: str, chunk: GenerationChunk, adapter: ResolvedAdapter | None
 ) -> pb.GenerateResponse:
     return pb.GenerateResponse(
-        request_id=request_id,
-        text=chunk.text,
-        token_ids=chunk.token_ids,
-        finish_reason=_FINISH_TO_PB[chunk.finish_reason],
-        usage=usage_to_pb(chunk.usage),
-        logprobs=logprobs_to_pb(chunk.logprobs),
-        prompt_logprobs=logprobs_to_pb(chunk.prompt_logprobs),
-        adapter=adapter_to_pb(adapter),
+        **_completion_fields(request_id, chunk), adapter=adapter_to_pb(adapter)
     )
 
 
 def delta_to_pb(
     request_id: str, chunk: GenerationChunk, adapter: ResolvedAdapter | None, first: bool
 ) -> pb.GenerateStreamResponse:
+    """A stream message; the serving adapter is sent with the first one only."""
     return pb.GenerateStreamResponse(
-        request_id=request_id,
-        text=chunk.text,
-        token_ids=chunk.token_ids,
-        finish_reason=_FINISH_TO_PB[chunk.finish_reason],
-        usage=usage_to_pb(chunk.usage),
-        logprobs=logprobs_to_pb(chunk.logprobs),
-        prompt_logprobs=logprobs_to_pb(chunk.prompt_logprobs),
-        adapter=adapter_to_pb(adapter) if first else None,
+        **_completion_fields(request_id, chunk), adapter=adapter_to_pb(adapter) if first else None
     )
 
 

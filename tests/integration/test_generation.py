@@ -263,3 +263,34 @@ def test_health_serving_and_reflection_lists_services(gateway):
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
     } <= services
+
+
+def test_stop_string_and_stop_token_end_generation(gateway):
+    with gateway.client() as client:
+        free = client.generate("Once upon a time", max_tokens=20, **GREEDY)
+        ids = list(free.token_ids)
+        stop_text = free.text[len(free.text) // 2 :][:3]
+        by_text = client.generate("Once upon a time", max_tokens=20, stop=[stop_text], **GREEDY)
+        by_token = client.generate(
+            "Once upon a time", max_tokens=20, stop_token_ids=[ids[5]], **GREEDY
+        )
+        held = client.generate(
+            "Once upon a time", max_tokens=20, stop_token_ids=[ids[0]], min_tokens=4, **GREEDY
+        )
+    assert free.finish_reason == pb.FINISH_REASON_LENGTH
+    assert by_text.finish_reason == pb.FINISH_REASON_STOP_SEQUENCE
+    assert free.text.startswith(by_text.text) and stop_text not in by_text.text
+    assert by_token.finish_reason == pb.FINISH_REASON_STOP_SEQUENCE
+    first_stop = ids.index(ids[5])
+    assert list(by_token.token_ids) == ids[: first_stop + 1]
+    assert len(held.token_ids) >= 4  # min_tokens holds the stop token back
+
+
+def test_seeded_sampling_is_reproducible(gateway):
+    options = {"temperature": 1.0, "top_p": 0.9, "top_k": 50, "max_tokens": 16, "ignore_eos": True}
+    with gateway.client() as client:
+        first = client.generate("My favourite food is", "alpha", seed=7, **options)
+        again = client.generate("My favourite food is", "alpha", seed=7, **options)
+        other = client.generate("My favourite food is", "alpha", seed=8, **options)
+    assert list(first.token_ids) == list(again.token_ids)
+    assert list(first.token_ids) != list(other.token_ids)

@@ -43,6 +43,12 @@ class AdapterNotFound(LoraplexError):
         self.reference = reference
 
 
+class InvalidAdapter(LoraplexError):
+    """An adapter offered for registration fails a check; nothing was stored."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
 class AdapterUnavailable(LoraplexError):
     """The adapter exists but cannot be served (too large a rank, broken files, ...)."""
 

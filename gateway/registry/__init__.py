@@ -1,0 +1,1 @@
+"""The adapter registry: immutable adapter versions (content-addressed) and movable aliases."""

@@ -1,0 +1,100 @@
+"""Content-addressed, immutable adapter folders: `objects/<sha256>/`.
+
+A folder is copied into `tmp/` first, hashed from the copy, made read-only, fsynced and then
+renamed into place in one step, so a crash leaves either nothing or a complete object; leftover
+`tmp/` copies and unreferenced objects are removed by `sweep` at start-up. The same content
+always lands at the same path, so registering identical files twice stores them once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A stored adapter folder."""
+
+    sha256: str
+    path: Path
+    created: bool  # False when identical content was already stored
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 over the folder's files: names and contents, in name order."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        file_hash = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                file_hash.update(block)
+        digest.update(path.name.encode() + b"\0" + file_hash.digest())
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ArtifactStore:
+    """Immutable adapter folders under `root`, addressed by the sha256 of their content."""
+
+    def __init__(self, root: Path) -> None:
+        self.objects = root / "objects"
+        self.tmp = root / "tmp"
+        self.objects.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        return self.objects / sha256
+
+    def exists(self, sha256: str) -> bool:
+        return self.path(sha256).is_dir()
+
+    def put(self, folder: Path) -> Artifact:
+        """Copy a validated folder in; returns where it lives (atomic, idempotent)."""
+        staging = self.tmp / uuid.uuid4().hex
+        shutil.copytree(folder, staging, symlinks=False)
+        for path in staging.iterdir():
+            path.chmod(0o444)
+            _fsync(path)
+        sha256 = folder_digest(staging)
+        target = self.path(sha256)
+        if target.is_dir():
+            shutil.rmtree(staging)
+            return Artifact(sha256, target, created=False)
+        try:
+            staging.rename(target)
+        except OSError:  # a concurrent put of the same content won the rename
+            shutil.rmtree(staging)
+            if not target.is_dir():
+                raise
+            return Artifact(sha256, target, created=False)
+        _fsync(self.objects)
+        return Artifact(sha256, target, created=True)
+
+    def remove(self, sha256: str) -> None:
+        """Delete an object (the caller knows no version references it)."""
+        target = self.path(sha256)
+        if target.is_dir():
+            for path in target.iterdir():
+                path.chmod(0o644)
+            shutil.rmtree(target)
+
+    def sweep(self, referenced: set[str]) -> list[str]:
+        """Remove crash leftovers: every tmp/ copy and every object nothing references."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        orphans = [p.name for p in self.objects.iterdir() if p.name not in referenced]
+        for sha256 in orphans:
+            self.remove(sha256)
+        return orphans

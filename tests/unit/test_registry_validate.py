@@ -1,0 +1,201 @@
+"""Every registration check, each with an adapter broken in that one way."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+import zipfile
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from gateway.errors import InvalidAdapter
+from gateway.registry.fingerprint import base_fingerprint
+from gateway.registry.validate import BaseModelFacts, extract_upload, inspect_adapter
+
+MAX_BYTES = 50 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model) -> BaseModelFacts:
+    return BaseModelFacts.from_folder(tiny_model.base)
+
+
+@pytest.fixture
+def adapter(tiny_model, tmp_path):
+    """A fresh copy of the rank-8 q_proj/v_proj adapter, to break."""
+    folder = tmp_path / "alpha"
+    shutil.copytree(tiny_model.adapters["alpha"], folder)
+    (folder / "README.md").unlink(missing_ok=True)
+    return folder
+
+
+def _edit_config(folder, **changes):
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def _edit_weights(folder, edit):
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+
+
+def test_a_valid_adapter_passes_with_its_facts(adapter, base):
+    facts = inspect_adapter(adapter, base, max_rank=16, max_bytes=MAX_BYTES)
+    assert (facts.rank, facts.alpha, facts.target_modules) == (8, 16.0, ("q_proj", "v_proj"))
+    assert facts.base_rule == "declared-name" and facts.base_fingerprint == base.fingerprint
+    assert facts.size_bytes == sum(p.stat().st_size for p in adapter.iterdir())
+
+
+def test_every_built_adapter_passes(tiny_model, base, tmp_path):
+    """All ranks and target sets of the tiny builder, including an lm_head LoRA."""
+    for name, path in tiny_model.adapters.items():
+        copy = tmp_path / name
+        shutil.copytree(path, copy, ignore=shutil.ignore_patterns("README.md"))
+        assert inspect_adapter(copy, base, max_rank=16, max_bytes=MAX_BYTES).rank >= 4
+
+
+def test_a_matching_fingerprint_manifest_decides(adapter, base, tiny_model):
+    (adapter / "manifest.json").write_text(
+        json.dumps({"base_fingerprint": base_fingerprint(tiny_model.base)})
+    )
+    _edit_config(adapter, base_model_name_or_path="some/other-name")
+    assert inspect_adapter(adapter, base, 16, MAX_BYTES).base_rule == "fingerprint"
+
+
+def _drop_b(tensors):
+    del tensors[next(k for k in tensors if "lora_B" in k)]
+
+
+def _rename_module(tensors):
+    for key in [k for k in tensors if "layers.0.self_attn.q_proj" in k]:
+        tensors[key.replace("q_proj", "nonexistent_proj")] = tensors.pop(key)
+
+
+BROKEN = {
+    "no config": (lambda f: (f / "adapter_config.json").unlink(), "adapter_config.json is missing"),
+    "no weights": (
+        lambda f: (f / "adapter_model.safetensors").unlink(),
+        "adapter_model.safetensors is missing",
+    ),
+    "config not json": (
+        lambda f: (f / "adapter_config.json").write_text("{oops"),
+        "not valid JSON",
+    ),
+    "weights not safetensors": (
+        lambda f: (f / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 10),
+        "not a readable safetensors",
+    ),
+    "not lora": (lambda f: _edit_config(f, peft_type="IA3"), "only LORA"),
+    "bad r": (lambda f: _edit_config(f, r=0), "r must be a positive integer"),
+    "r disagrees with weights": (lambda f: _edit_config(f, r=4), "disagree with r=4"),
+    "weights outside target_modules": (
+        lambda f: _edit_config(f, target_modules=["q_proj"]),
+        "not in target_modules",
+    ),
+    "lora_A without lora_B": (lambda f: _edit_weights(f, _drop_b), "without its pair"),
+    "module not in base": (
+        lambda f: (
+            _edit_weights(f, _rename_module),
+            _edit_config(f, target_modules=["q_proj", "v_proj", "nonexistent_proj"]),
+        ),
+        "not in the base model",
+    ),
+    "other base by name": (
+        lambda f: _edit_config(f, base_model_name_or_path="meta-llama/Llama-3.1-8B"),
+        "rule: declared name",
+    ),
+    "no base at all": (
+        lambda f: _edit_config(f, base_model_name_or_path=None),
+        "cannot tell which base",
+    ),
+    "other base by fingerprint": (
+        lambda f: (f / "manifest.json").write_text(json.dumps({"base_fingerprint": "base-v1:00"})),
+        "rule: fingerprint",
+    ),
+    "unexpected file": (lambda f: (f / "run.sh").write_text("rm -rf /"), "unexpected entry"),
+    "symlink": (lambda f: (f / "README.md").symlink_to("/etc/passwd"), "symbolic links"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_each_broken_adapter_is_refused_with_the_reason(adapter, base, case):
+    breaks, message = BROKEN[case]
+    breaks(adapter)
+    with pytest.raises(InvalidAdapter, match=message) as err:
+        inspect_adapter(adapter, base, max_rank=16, max_bytes=MAX_BYTES)
+    assert err.value.code.name == "INVALID_ARGUMENT"
+
+
+def test_rank_and_size_limits(adapter, base):
+    with pytest.raises(InvalidAdapter, match="above the gateway's max_lora_rank 4"):
+        inspect_adapter(adapter, base, max_rank=4, max_bytes=MAX_BYTES)
+    with pytest.raises(InvalidAdapter, match="over the limit of 1000"):
+        inspect_adapter(adapter, base, max_rank=16, max_bytes=1000)
+
+
+def _tar(tmp_path, entries: dict[str, bytes], symlink: str | None = None):
+    path = tmp_path / "upload.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if symlink:
+            info = tarfile.TarInfo(symlink)
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(info)
+    return path
+
+
+def test_upload_extracts_a_valid_archive(adapter, tmp_path):
+    files = {p.name: p.read_bytes() for p in adapter.iterdir()}
+    extract_upload(_tar(tmp_path, files), tmp_path / "out", MAX_BYTES)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == files
+    zipped = tmp_path / "upload.zip"
+    with zipfile.ZipFile(zipped, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    extract_upload(zipped, tmp_path / "out2", MAX_BYTES)
+    assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == sorted(files)
+
+
+@pytest.mark.parametrize(
+    ("entries", "symlink", "message"),
+    [
+        ({"../adapter_config.json": b"{}"}, None, "only plain file names"),
+        ({"/etc/adapter_config.json": b"{}"}, None, "only plain file names"),
+        ({"sub/adapter_config.json": b"{}"}, None, "only plain file names"),
+        ({"evil.py": b"import os"}, None, "not an adapter file"),
+        ({}, "adapter_model.safetensors", "not a regular file"),
+        ({"adapter_model.safetensors": b"x" * 2000}, None, "over 1000 bytes"),
+    ],
+)
+def test_hostile_uploads_are_refused(tmp_path, entries, symlink, message):
+    with pytest.raises(InvalidAdapter, match=message):
+        extract_upload(_tar(tmp_path, entries, symlink), tmp_path / "out", 1000)
+
+
+def test_upload_that_is_no_archive(tmp_path):
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"not an archive")
+    with pytest.raises(InvalidAdapter, match="neither a tar nor a zip"):
+        extract_upload(junk, tmp_path / "out", 1000)
+
+
+def test_fingerprint_ignores_serving_dtype_and_quantization(tiny_model, tmp_path):
+    copy = tmp_path / "base"
+    shutil.copytree(tiny_model.base, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config |= {"dtype": "bfloat16", "quantization_config": {"quant_method": "awq"}}
+    (copy / "config.json").write_text(json.dumps(config))
+    assert base_fingerprint(copy) == base_fingerprint(tiny_model.base)
+    config["hidden_size"] = 512
+    (copy / "config.json").write_text(json.dumps(config))
+    assert base_fingerprint(copy) != base_fingerprint(tiny_model.base)

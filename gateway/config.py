@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 ENV_PREFIX = "LORAPLEX_"
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-MaxLoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
+MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM accepts
 
 
 class ConfigError(ValueError):
@@ -40,8 +40,9 @@ class GatewayConfig(BaseModel):
     """Adapters the engine can hold at once in batch slots (different adapters per batch)."""
     max_cpu_loras: int | None = Field(default=None, ge=1)
     """Adapters cached in CPU memory beyond the batch slots (>= max_loras; default max_loras)."""
-    max_lora_rank: MaxLoraRank = 16
-    """Largest LoRA rank the engine accepts; adapters above it are refused."""
+    max_lora_rank: int = 16
+    """Largest LoRA rank the engine accepts (one of 1, 8, 16, 32, ..., 512); adapters above it
+    are refused."""
     max_model_len: int | None = Field(default=None, ge=16)
     """Context length (prompt + generated tokens); default: the model's own."""
     max_num_seqs: int | None = Field(default=None, ge=1)
@@ -70,6 +71,8 @@ class GatewayConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> GatewayConfig:
+        if self.max_lora_rank not in MAX_LORA_RANKS:
+            raise ValueError(f"max_lora_rank must be one of {MAX_LORA_RANKS}")
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise ValueError(
                 f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})"

@@ -7,6 +7,7 @@ together, and that each adapter changes the output. Exits non-zero if anything i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -33,14 +34,23 @@ def free_port() -> int:
 
 
 def start_gateway(args: list[str], log_path: Path) -> subprocess.Popen:
-    """`loraplex serve ARGS` in a child process, logging to a file."""
-    log_file = log_path.open("w")
-    return subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve", *args],
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    """`loraplex serve ARGS` in a child process (own session, so its engine processes can be
+    killed with it), logging to a file."""
+    with log_path.open("w") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve", *args],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+
+def kill_gateway(proc: subprocess.Popen) -> None:
+    """SIGKILL the gateway and the engine processes it started (its process group)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 async def _query_all(target: str, adapters: list[str]) -> dict[tuple[str, str], tuple[str, str]]:
@@ -98,7 +108,7 @@ def run_demo(workdir: Path, n_adapters: int) -> int:
         elapsed = time.monotonic() - sent
     except (OSError, RuntimeError, TimeoutError, grpc.RpcError) as exc:
         console.print(f"[red]demo failed:[/] {exc}; gateway log: {log_path}")
-        proc.kill()
+        kill_gateway(proc)
         return 1
 
     table = Table(title=f"{len(results)} concurrent requests over gRPC in {elapsed:.2f}s")

@@ -157,10 +157,6 @@ class Engine(Protocol):
         """
         ...
 
-    async def abort(self, request_id: str) -> None:
-        """Abort a request by id."""
-        ...
-
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of text in the base model's vocabulary."""
         ...

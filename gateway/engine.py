@@ -6,7 +6,7 @@ its own process, as vLLM does it); the gRPC server runs in this process's event 
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -22,7 +22,13 @@ from gateway.domain import (
     TopLogprob,
     Usage,
 )
-from gateway.errors import AdapterUnavailable, EngineUnavailable, InvalidRequest
+from gateway.errors import (
+    AdapterUnavailable,
+    EngineUnavailable,
+    InvalidRequest,
+    NotSupported,
+    Overloaded,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +38,16 @@ def _prepare_platform(config: GatewayConfig) -> None:
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{config.kv_cache_space_gib:g}")
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{config.kv_cache_space_gib:g}"
 
 
-def _prompt_logprobs_fixed() -> bool:
-    """True where gateway/engine_patches.py fixes vLLM's prompt-logprobs LoRA crash (CPU)."""
+def _lora_fixes_active() -> bool:
+    """True where gateway/engine_patches.py fixes vLLM's LoRA bugs: CPU, plugin enabled."""
     from vllm.platforms import current_platform
 
-    return current_platform.is_cpu()
+    from gateway.engine_patches import plugin_enabled
+
+    return current_platform.is_cpu() and plugin_enabled()
 
 
 def _engine_args(config: GatewayConfig, enable_lora: bool):
@@ -99,11 +107,15 @@ _FINISH = {
 }
 
 
-def _finish_reason(reason: str | None, stop_reason: int | str | None) -> FinishReason | None:
+def _finish_reason(
+    reason: str | None, stop_reason: int | str | None, stop_token_ids: tuple[int, ...] = ()
+) -> FinishReason | None:
+    """vLLM reports extra EOS ids (e.g. Llama 3's <|eot_id|>) as stop tokens: those are EOS."""
     if reason is None:
         return None
     if reason == "stop":
-        return FinishReason.EOS if stop_reason is None else FinishReason.STOP_SEQUENCE
+        asked = isinstance(stop_reason, str) or stop_reason in stop_token_ids
+        return FinishReason.STOP_SEQUENCE if stop_reason is not None and asked else FinishReason.EOS
     return _FINISH.get(reason, FinishReason.ERROR)
 
 
@@ -119,11 +131,13 @@ class VllmEngine:
         model_config = llm.model_config
         # vLLM issues 16668 / 29955: with LoRA enabled, a prompt-logprob request batched with
         # other requests crashes the engine core (einsum shape error in add_lora_logits ->
-        # EngineDeadError). On CPU, gateway/engine_patches.py FIXES it inside vLLM (exact, tested).
-        # Elsewhere (vLLM's Triton path, which we cannot test here) we only mitigate: such
-        # requests enter one at a time, until their prefill is done.
-        self._gate_prompt_logprobs = enable_lora and not _prompt_logprobs_fixed()
-        self._prompt_logprobs_gate = asyncio.Lock()
+        # EngineDeadError). On CPU, gateway/engine_patches.py fixes it inside vLLM (exact,
+        # tested). Where that fix is not active (vLLM's Triton path on GPU, which we cannot test
+        # here, or the plugin disabled) such requests are refused: one would kill the engine.
+        self._prompt_logprobs_safe = not enable_lora or _lora_fixes_active()
+        if enable_lora and not _lora_fixes_active():
+            log.warning("vLLM LoRA fixes not active here: prompt_logprobs requests are refused")
+        self._loaded_adapters: set[int] = set()
         self.info = EngineInfo(
             base_model=config.model,
             quantization=config.quantization or "none",
@@ -156,6 +170,7 @@ class VllmEngine:
 
     def _sampling_params(self, request: EngineRequest, output_kind_delta: bool):
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind
 
         s, stop = request.sampling, request.stopping
@@ -182,52 +197,63 @@ class VllmEngine:
                 prompt_logprobs=request.prompt_logprobs,
                 output_kind=kind,
             )
-        except ValueError as exc:  # vLLM's own checks, as a second line behind ours
+        except (ValueError, VLLMClientError) as exc:  # vLLM's own checks, behind ours
             raise InvalidRequest("sampling", str(exc)) from exc
 
     async def generate(
         self, request: EngineRequest, stream: bool
     ) -> AsyncIterator[GenerationChunk]:
+        from vllm.exceptions import GracefulHTTPError, VLLMClientError
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
         if self._llm.errored:
             raise EngineUnavailable("the engine is not running")
-        gated = self._gate_prompt_logprobs and request.prompt_logprobs is not None
-        params = self._sampling_params(request, output_kind_delta=stream or gated)
+        if request.prompt_logprobs is not None and not self._prompt_logprobs_safe:
+            raise NotSupported(
+                "prompt_logprobs with LoRA enabled would crash this vLLM build "
+                "(vLLM issues 16668/29955); see gateway/engine_patches.py"
+            )
+        params = self._sampling_params(request, output_kind_delta=stream)
+        if request.adapter is not None:
+            await self._ensure_loaded(request.adapter)
         lora = self._lora_request(request.adapter)
         prompt = TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
-        holding_gate = False
-        if gated:
-            await self._prompt_logprobs_gate.acquire()
-            holding_gate = True
         first, generated = True, 0
+        outputs = self._llm.generate(prompt, params, request.request_id, lora_request=lora)
         try:
-            async for output in self._llm.generate(
-                prompt, params, request.request_id, lora_request=lora
-            ):
-                if holding_gate:
-                    self._prompt_logprobs_gate.release()
-                    holding_gate = False
-                chunk = self._chunk(output, request, first)
-                generated += len(chunk.token_ids)
-                if output.finished:
-                    chunk.usage = Usage(
-                        prompt_tokens=len(request.prompt_token_ids),
-                        completion_tokens=generated,
-                        cached_tokens=output.num_cached_tokens or 0,
-                    )
-                yield chunk
-                first = False
+            async with contextlib.aclosing(outputs):  # closing aborts the request in vLLM
+                async for output in outputs:
+                    chunk = self._chunk(output, request, first)
+                    generated += len(chunk.token_ids)
+                    if output.finished:
+                        chunk.usage = Usage(
+                            prompt_tokens=len(request.prompt_token_ids),
+                            completion_tokens=generated,
+                            cached_tokens=output.num_cached_tokens or 0,
+                        )
+                    yield chunk
+                    first = False
         except EngineDeadError as exc:
             raise EngineUnavailable("the engine died; the gateway is restarting") from exc
+        except VLLMClientError as exc:  # vLLM's own request checks, behind ours
+            raise InvalidRequest("request", str(exc)) from exc
+        except GracefulHTTPError as exc:  # vLLM's admission control
+            raise Overloaded(str(exc)) from exc
         except EngineGenerateError as exc:
             if self._llm.errored:
                 raise EngineUnavailable("the engine died; the gateway is restarting") from exc
             raise
-        finally:
-            if holding_gate:
-                self._prompt_logprobs_gate.release()
+
+    async def _ensure_loaded(self, adapter: ResolvedAdapter) -> None:
+        """Load a version through vLLM's utility call before its first request.
+
+        A load failure inside a model step would kill the engine; here it is an error for the
+        caller (FAILED_PRECONDITION) and the engine keeps serving everyone else.
+        """
+        if adapter.engine_id not in self._loaded_adapters:
+            await self.add_adapter(adapter)
+            self._loaded_adapters.add(adapter.engine_id)
 
     def _chunk(self, output, request: EngineRequest, first: bool) -> GenerationChunk:  # noqa: ANN001
         completion = output.outputs[0]
@@ -240,11 +266,10 @@ class VllmEngine:
                 list(output.prompt_token_ids), list(output.prompt_logprobs), request.prompt_logprobs
             )
         if output.finished:
-            chunk.finish_reason = _finish_reason(completion.finish_reason, completion.stop_reason)
+            chunk.finish_reason = _finish_reason(
+                completion.finish_reason, completion.stop_reason, request.stopping.stop_token_ids
+            )
         return chunk
-
-    async def abort(self, request_id: str) -> None:
-        await self._llm.abort(request_id)
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))

@@ -55,6 +55,12 @@ class AdapterUnavailable(LoraplexError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class NotSupported(LoraplexError):
+    """The request asks for something this gateway's engine cannot do safely."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class EngineUnavailable(LoraplexError):
     """The engine is starting, draining or dead; the client may retry elsewhere or later."""
 

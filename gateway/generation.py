@@ -5,6 +5,7 @@ The work itself happens in `GenerationPipeline`; errors are mapped by `gateway.e
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import grpc
@@ -161,9 +162,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         pipeline = self._ready()
         prepared = pipeline.prepare(request_from_pb(request))
         first = True
-        async for chunk in pipeline.stream(prepared):
-            await context.write(delta_to_pb(prepared.request_id, chunk, prepared.adapter, first))
-            first = False
+        async with contextlib.aclosing(pipeline.stream(prepared)) as chunks:  # cancel -> abort
+            async for chunk in chunks:
+                await context.write(
+                    delta_to_pb(prepared.request_id, chunk, prepared.adapter, first)
+                )
+                first = False
 
     @grpc_errors
     async def Tokenize(

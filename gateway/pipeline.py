@@ -5,6 +5,7 @@ Validation errors name the request field (as spelled in the proto) so clients ca
 
 from __future__ import annotations
 
+import contextlib
 import math
 import uuid
 from collections.abc import AsyncIterator
@@ -22,6 +23,10 @@ from gateway.errors import InvalidRequest
 from gateway.resolver import AdapterResolver
 
 MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+MAX_REQUEST_ID_CHARS = 256
+MAX_TEMPERATURE = 2.0  # vLLM refuses more
 
 
 def _check_range(
@@ -36,7 +41,7 @@ def _check_range(
 
 def validate_sampling(s: Sampling) -> None:
     """Range checks of the sampling parameters (the engine's own checks are a second line)."""
-    _check_range("sampling.temperature", s.temperature, 0.0, 100.0)
+    _check_range("sampling.temperature", s.temperature, 0.0, MAX_TEMPERATURE)
     _check_range("sampling.top_p", s.top_p, 0.0, 1.0, low_open=True)
     if s.top_k is not None and s.top_k < -1:
         raise InvalidRequest("sampling.top_k", f"must be -1, 0 (off) or positive, got {s.top_k}")
@@ -59,8 +64,12 @@ def validate_stopping(stop: Stopping, vocab_size: int) -> None:
         )
     if len(stop.stop) > MAX_STOP_STRINGS:
         raise InvalidRequest("stopping.stop", f"at most {MAX_STOP_STRINGS} stop strings")
-    if any(not s for s in stop.stop):
-        raise InvalidRequest("stopping.stop", "stop strings must not be empty")
+    if any(not s or len(s) > MAX_STOP_STRING_CHARS for s in stop.stop):
+        raise InvalidRequest(
+            "stopping.stop", f"stop strings must have 1 to {MAX_STOP_STRING_CHARS} characters"
+        )
+    if len(stop.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise InvalidRequest("stopping.stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids")
     bad = [t for t in stop.stop_token_ids if not 0 <= t < vocab_size]
     if bad:
         raise InvalidRequest(
@@ -87,6 +96,8 @@ class GenerationPipeline:
     def prepare(self, request: GenerationRequest) -> EngineRequest:
         """Validate and tokenize a request; raises InvalidRequest / AdapterNotFound."""
         info = self.engine.info
+        if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+            raise InvalidRequest("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters")
         validate_sampling(request.sampling)
         validate_stopping(request.stopping, info.vocab_size)
         _check_logprobs("logprobs", request.logprobs, info.max_logprobs)
@@ -119,6 +130,11 @@ class GenerationPipeline:
                 f"{len(prompt_ids)} prompt tokens + max_tokens {max_tokens} exceed the context "
                 f"length {info.max_context_length}",
             )
+        if request.stopping.min_tokens > max_tokens:
+            raise InvalidRequest(
+                "stopping.min_tokens",
+                f"({request.stopping.min_tokens}) exceeds the {max_tokens} tokens that fit",
+            )
         return EngineRequest(
             request_id=request.request_id or uuid.uuid4().hex,
             prompt_token_ids=tuple(prompt_ids),
@@ -137,11 +153,12 @@ class GenerationPipeline:
     async def complete(self, request: EngineRequest) -> GenerationChunk:
         """The whole completion of a prepared request."""
         result = GenerationChunk()
-        async for chunk in self.engine.generate(request, stream=False):
-            result.text += chunk.text
-            result.token_ids.extend(chunk.token_ids)
-            result.logprobs.extend(chunk.logprobs)
-            result.prompt_logprobs.extend(chunk.prompt_logprobs)
-            result.finish_reason = chunk.finish_reason or result.finish_reason
-            result.usage = chunk.usage or result.usage
+        async with contextlib.aclosing(self.engine.generate(request, stream=False)) as chunks:
+            async for chunk in chunks:
+                result.text += chunk.text
+                result.token_ids.extend(chunk.token_ids)
+                result.logprobs.extend(chunk.logprobs)
+                result.prompt_logprobs.extend(chunk.prompt_logprobs)
+                result.finish_reason = chunk.finish_reason or result.finish_reason
+                result.usage = chunk.usage or result.usage
         return result

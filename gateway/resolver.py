@@ -44,12 +44,18 @@ class _Entry:
 def read_adapter_config(folder: Path) -> tuple[int, tuple[str, ...]]:
     """Rank and target modules from a peft adapter folder; ValueError if it is not LoRA."""
     config = json.loads((folder / "adapter_config.json").read_text())
+    if not isinstance(config, dict):
+        raise ValueError("adapter_config.json must hold a JSON object")
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"peft_type {config.get('peft_type')!r} is not LORA")
-    rank = int(config["r"])
+    rank = config.get("r")
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"r must be a positive integer, got {rank!r}")
     modules = config.get("target_modules") or ()
     if isinstance(modules, str):
         modules = (modules,)
+    if not all(isinstance(m, str) for m in modules):
+        raise ValueError("target_modules must be names")
     return rank, tuple(sorted(modules))
 
 
@@ -88,7 +94,7 @@ class DirectoryResolver:
         try:
             fingerprint = self._fingerprint(folder)
             rank, modules = read_adapter_config(folder)
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
             return _Entry(None, f"adapter {folder.name!r} is unreadable: {exc}", (0, 0))
         if rank > self.max_lora_rank:
             problem = (
@@ -113,9 +119,19 @@ class DirectoryResolver:
             self._entries = entries
             self._last_scan = time.monotonic()
 
+    def _changed(self, name: str, entry: _Entry) -> bool:
+        """The weights on disk are not the ones this entry was made from (one stat call)."""
+        try:
+            return self._fingerprint(self.root / name) != entry.fingerprint
+        except (OSError, ValueError):
+            return True
+
     def resolve(self, reference: str) -> ResolvedAdapter:
         entry = self._entries.get(reference)
-        if entry is None and time.monotonic() - self._last_scan >= self.rescan_interval_s:
+        if entry is not None and self._changed(reference, entry):
+            self.scan()  # new weights get a new engine id; vanished ones are not found
+            entry = self._entries.get(reference)
+        elif entry is None and time.monotonic() - self._last_scan >= self.rescan_interval_s:
             self.scan()
             entry = self._entries.get(reference)
         if entry is None:

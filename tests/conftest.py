@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway.client import Client, wait_until_serving
-from gateway.demo import free_port, start_gateway
+from gateway.demo import free_port, kill_gateway, start_gateway
 from trainer.tiny import TinyModel, build_tiny_model
 
 N_ADAPTERS = 5  # one more than the engine's 4 slots, and one with an lm_head LoRA
@@ -57,7 +57,7 @@ def launch_gateway(model: TinyModel, log: Path, *extra: str) -> RunningGateway:
     try:
         wait_until_serving(gateway.target, timeout=300, alive=lambda: process.poll() is None)
     except (TimeoutError, RuntimeError):
-        process.kill()
+        kill_gateway(process)
         raise RuntimeError(f"gateway did not start; log:\n{log.read_text()[-4000:]}") from None
     return gateway
 

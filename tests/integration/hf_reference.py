@@ -25,6 +25,9 @@ class HFReference:
     """Loads the base once; `model(adapter)` swaps in a peft adapter (or none)."""
 
     def __init__(self, tiny: TinyModel) -> None:
+        # One thread: the engine's worker is pinned to a core and busy while it serves; two
+        # OpenMP threads here would wait on each other across that core (measured 10x slower).
+        torch.set_num_threads(1)
         self.tiny = tiny
         self.tokenizer = AutoTokenizer.from_pretrained(tiny.base)
         self._models: dict[str, torch.nn.Module] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 
 import grpc
@@ -201,6 +202,9 @@ async def test_deadline_aborts_request_in_engine(gateway):
 BAD_REQUESTS = [
     ({"adapter": "no-such-adapter"}, grpc.StatusCode.NOT_FOUND, "no-such-adapter"),
     ({"temperature": -1.0}, grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature"),
+    ({"temperature": 3.0}, grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature"),
+    ({"temperature": float("nan")}, grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature"),
+    ({"top_p": float("inf")}, grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p"),
     ({"top_p": 0.0}, grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p"),
     ({"top_k": -5}, grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_k"),
     ({"min_p": 1.5}, grpc.StatusCode.INVALID_ARGUMENT, "sampling.min_p"),
@@ -210,6 +214,10 @@ BAD_REQUESTS = [
     ({"max_tokens": 0}, grpc.StatusCode.INVALID_ARGUMENT, "stopping.max_tokens"),
     ({"max_tokens": MAX_MODEL_LEN}, grpc.StatusCode.INVALID_ARGUMENT, "stopping.max_tokens"),
     ({"max_tokens": 4, "min_tokens": 8}, grpc.StatusCode.INVALID_ARGUMENT, "stopping.min_tokens"),
+    ({"min_tokens": MAX_MODEL_LEN}, grpc.StatusCode.INVALID_ARGUMENT, "stopping.min_tokens"),
+    ({"stop_token_ids": list(range(65))}, grpc.StatusCode.INVALID_ARGUMENT, "stop_token_ids"),
+    ({"stop": ["x" * 300]}, grpc.StatusCode.INVALID_ARGUMENT, "stopping.stop"),
+    ({"request_id": "r" * 300}, grpc.StatusCode.INVALID_ARGUMENT, "request_id"),
     ({"stop": [""]}, grpc.StatusCode.INVALID_ARGUMENT, "stopping.stop"),
     ({"stop_token_ids": [10**6]}, grpc.StatusCode.INVALID_ARGUMENT, "stopping.stop_token_ids"),
     ({"logprobs": 1000}, grpc.StatusCode.INVALID_ARGUMENT, "logprobs"),
@@ -294,3 +302,22 @@ def test_seeded_sampling_is_reproducible(gateway):
         other = client.generate("My favourite food is", "alpha", seed=8, **options)
     assert list(first.token_ids) == list(again.token_ids)
     assert list(first.token_ids) != list(other.token_ids)
+
+
+def test_broken_adapter_files_fail_cleanly_and_the_engine_keeps_serving(gateway, tiny_model):
+    """Weights that do not load: FAILED_PRECONDITION for that adapter, nobody else affected."""
+    folder = tiny_model.base.parent / "adapters" / "zz-broken"
+    shutil.copytree(tiny_model.adapters["alpha"], folder)
+    (folder / "adapter_model.safetensors").write_bytes(b"\x00not safetensors" * 64)
+    time.sleep(1.1)  # new folders are picked up by a rescan, at most once a second
+    try:
+        with gateway.client() as client:
+            with pytest.raises(grpc.RpcError) as err:
+                client.generate("Hello", "zz-broken", max_tokens=4)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "zz-broken" in err.value.details()
+            served = client.generate("Hello", "alpha", max_tokens=4, **GREEDY)
+            assert len(served.token_ids) == 4 and served.adapter.name == "alpha"
+    finally:
+        shutil.rmtree(folder)
+    assert gateway.process.poll() is None

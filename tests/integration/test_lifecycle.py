@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from gateway.client import AsyncClient
+from gateway.demo import kill_gateway
 from loraplex.v1 import generation_pb2 as pb
 from tests.conftest import launch_gateway
 
@@ -23,7 +24,7 @@ def fp8_gateway(tiny_model, tmp_path_factory):
     )  # fmt: skip
     yield running
     if running.process.poll() is None:
-        running.process.kill()
+        kill_gateway(running.process)
 
 
 async def test_fp8_base_serves_distinct_adapters(fp8_gateway, tiny_model):
@@ -50,22 +51,25 @@ async def test_sigterm_finishes_in_flight_refuses_new_and_exits_zero(fp8_gateway
             )
             for i in range(8)
         ]  # fmt: skip
+        received = []
         for call in calls:  # every stream is running in the engine before the signal
-            await call.read()
+            received.append(len((await call.read()).token_ids))
         fp8_gateway.process.terminate()
         await asyncio.sleep(0.5)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await client.generate("too late", max_tokens=4, timeout=10)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
-        async def finish(call) -> tuple[int, int]:
-            tokens, last = 1, None
+        async def finish(call, tokens: int) -> tuple[int, int]:
+            last = None
             while (delta := await call.read()) != grpc.aio.EOF:
                 tokens += len(delta.token_ids)
                 last = delta
             return tokens, last.finish_reason
 
-        results = await asyncio.gather(*[finish(c) for c in calls])
+        results = await asyncio.gather(
+            *[finish(c, n) for c, n in zip(calls, received, strict=True)]
+        )
     assert all(reason == pb.FINISH_REASON_LENGTH for _, reason in results)
-    assert all(tokens >= 96 for tokens, _ in results)
+    assert all(tokens == 96 for tokens, _ in results)
     assert await asyncio.to_thread(fp8_gateway.process.wait, 60) == 0

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from gateway.domain import (
     EngineInfo,
@@ -53,9 +55,6 @@ class FakeEngine:
                 usage=Usage(len(request.prompt_token_ids), len(tokens)) if done else None,
             )
 
-    async def abort(self, request_id: str) -> None:
-        return None
-
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = [ord(c) % INFO.vocab_size for c in text]
         return [1, *ids] if add_special_tokens else ids
@@ -74,3 +73,12 @@ class FakeEngine:
 
     async def shutdown(self) -> None:
         return None
+
+
+def make_adapter(root: Path, name: str, rank: int = 8) -> None:
+    """A minimal peft-looking adapter folder (config + placeholder weights)."""
+    folder = root / name
+    folder.mkdir()
+    config = {"peft_type": "LORA", "r": rank, "target_modules": ["q_proj", "v_proj"]}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    (folder / "adapter_model.safetensors").write_bytes(b"weights")

@@ -18,6 +18,16 @@ def test_precedence_file_env_flags(tmp_path, monkeypatch):
     assert (config.model, config.port, config.max_loras) == ("/models/base", 2000, 5)
 
 
+def test_every_type_can_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("LORAPLEX_MAX_LORA_RANK", "32")
+    monkeypatch.setenv("LORAPLEX_ENFORCE_EAGER", "true")
+    monkeypatch.setenv("LORAPLEX_KV_CACHE_SPACE_GIB", "2.5")
+    monkeypatch.setenv("LORAPLEX_DTYPE", "bfloat16")
+    config = load_config(model="m")
+    assert (config.max_lora_rank, config.enforce_eager) == (32, True)
+    assert (config.kv_cache_space_gib, config.dtype) == (2.5, "bfloat16")
+
+
 def test_unknown_key_suggests_the_right_one(tmp_path):
     config_file = tmp_path / "gateway.yaml"
     config_file.write_text("model: m\nmax_lora: 4\n")

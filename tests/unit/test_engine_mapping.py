@@ -9,17 +9,18 @@ from gateway.engine import _finish_reason
 
 
 @pytest.mark.parametrize(
-    ("reason", "stop_reason", "expected"),
+    ("reason", "stop_reason", "asked", "expected"),
     [
-        (None, None, None),
-        ("length", None, FinishReason.LENGTH),
-        ("stop", None, FinishReason.EOS),
-        ("stop", "###", FinishReason.STOP_SEQUENCE),
-        ("stop", 42, FinishReason.STOP_SEQUENCE),
-        ("abort", None, FinishReason.CANCELLED),
-        ("error", None, FinishReason.ERROR),
-        ("something-new", None, FinishReason.ERROR),
+        (None, None, (), None),
+        ("length", None, (), FinishReason.LENGTH),
+        ("stop", None, (), FinishReason.EOS),
+        ("stop", "###", (), FinishReason.STOP_SEQUENCE),
+        ("stop", 42, (42,), FinishReason.STOP_SEQUENCE),
+        ("stop", 128009, (), FinishReason.EOS),  # an extra EOS id from generation_config
+        ("abort", None, (), FinishReason.CANCELLED),
+        ("error", None, (), FinishReason.ERROR),
+        ("something-new", None, (), FinishReason.ERROR),
     ],
 )
-def test_finish_reason(reason, stop_reason, expected):
-    assert _finish_reason(reason, stop_reason) is expected
+def test_finish_reason(reason, stop_reason, asked, expected):
+    assert _finish_reason(reason, stop_reason, asked) is expected

@@ -6,6 +6,7 @@ import pytest
 import torch
 from vllm.lora.ops.torch_ops import lora_ops
 
+from gateway import engine_patches
 from gateway.engine_patches import _skip_rows_without_lora, register
 
 
@@ -46,19 +47,40 @@ class _Punica:
         self.token_lora_indices = torch.tensor(per_token)
 
 
-def test_prompt_logit_rows_use_their_own_tokens_adapter():
-    from gateway import engine_patches
+class _Model:
+    def compute_logits(self, rows):
+        return engine_patches._logits_lora_indices(self.punica, rows).tolist()
 
-    batch = torch.randn(7, 4)  # tokens of 3 requests: [0,0,0 | 1,1 | -1,-1]
-    punica = _Punica([0, 1, -1], [0, 0, 0, 1, 1, -1, -1])
-    assert engine_patches._logits_lora_indices(punica, batch[:3]).tolist() == [0, 1, -1]
-    run = engine_patches._with_batch_hidden_states(
-        lambda self, hidden: engine_patches._logits_lora_indices(punica, hidden[3:5]).tolist()
+
+class _Runner:
+    def __init__(self, punica):
+        self.model = _Model()
+        self.model.punica = punica
+
+    def prompt_logprobs(self, hidden_states, slices):
+        return [self.model.compute_logits(hidden_states[a:b]) for a, b in slices]
+
+
+def test_prompt_logit_rows_use_their_own_requests_adapter():
+    """Batch of 3 requests with 2, 3 and 2 tokens: [0,0 | 1,1,1 | -1,-1] (the review case:
+    a prompt slice as long as the batch has requests must not take per-request indices)."""
+    batch = torch.randn(7, 4)
+    runner = _Runner(_Punica([0, 1, -1], [0, 0, 1, 1, 1, -1, -1]))
+    run = engine_patches._with_prompt_rows(_Runner.prompt_logprobs)
+    assert run(runner, batch, [(2, 5), (0, 2), (5, 7)]) == [[1], [0], [-1]]
+    assert engine_patches._prompt_rows is None
+    assert "compute_logits" not in vars(runner.model)  # restored
+    # sampling logits (one row per request) keep vLLM's per-request indices
+    assert runner.model.compute_logits(batch[:3]) == [0, 1, -1]
+
+
+def test_a_copy_instead_of_a_slice_is_refused():
+    runner = _Runner(_Punica([0], [0, 0]))
+    run = engine_patches._with_prompt_rows(
+        lambda self, hidden: self.model.compute_logits(hidden[0:2].clone())
     )
-    assert run(None, batch) == [1, 1]
-    assert engine_patches._prompt_batch_hidden_states is None
-    with pytest.raises(RuntimeError, match="cannot map"):
-        engine_patches._logits_lora_indices(punica, torch.randn(2, 4))
+    with pytest.raises(RuntimeError, match="not a slice"):
+        run(runner, torch.randn(2, 4))
 
 
 def test_a_lone_base_request_with_many_rows_is_left_untouched():
@@ -68,3 +90,6 @@ def test_a_lone_base_request_with_many_rows_is_left_untouched():
     upstream = getattr(lora_ops.bgmv_expand, "__wrapped__", lora_ops.bgmv_expand)
     _skip_rows_without_lora(upstream)(inputs, weights, output, torch.tensor([-1]), add_inputs=True)
     assert torch.equal(output, torch.ones(5, 8))
+    adapter_rows = torch.ones(5, 8)  # a lone adapter request: broadcast, as upstream
+    _skip_rows_without_lora(upstream)(inputs, weights, adapter_rows, torch.tensor([1]))
+    assert torch.allclose(adapter_rows, 1 + inputs @ weights[1, 0].T)

@@ -8,7 +8,7 @@ import pytest
 
 from gateway.errors import AdapterNotFound, AdapterUnavailable
 from gateway.resolver import DirectoryResolver
-from tests.unit.test_servicer import make_adapter
+from tests.unit.fakes import make_adapter
 
 
 def test_resolves_folders_with_stable_ids(tmp_path):
@@ -39,17 +39,20 @@ def test_changed_weights_get_a_new_engine_id(tmp_path):
     weights = tmp_path / "alpha" / "adapter_model.safetensors"
     weights.write_bytes(b"retrained weights")
     os.utime(weights, ns=(1, 10**18))
-    resolver.scan()
-    assert resolver.resolve("alpha").engine_id != before
+    assert resolver.resolve("alpha").engine_id != before  # noticed without a rescan call
 
 
 def test_unservable_adapters_say_why(tmp_path):
     make_adapter(tmp_path, "big", rank=32)
     make_adapter(tmp_path, "broken")
     (tmp_path / "broken" / "adapter_config.json").write_text("{not json")
+    for name, config in {"null-r": '{"r": null}', "a-list": "[]"}.items():
+        make_adapter(tmp_path, name)
+        (tmp_path / name / "adapter_config.json").write_text(config)
     resolver = DirectoryResolver(tmp_path, max_lora_rank=16)
     with pytest.raises(AdapterUnavailable, match="rank 32"):
         resolver.resolve("big")
-    with pytest.raises(AdapterUnavailable, match="unreadable"):
-        resolver.resolve("broken")
+    for name in ("broken", "null-r", "a-list"):
+        with pytest.raises(AdapterUnavailable, match="unreadable"):
+            resolver.resolve(name)
     assert resolver.servable() == []

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import grpc
 import pytest
 
@@ -13,15 +11,7 @@ from gateway.pipeline import GenerationPipeline
 from gateway.resolver import DirectoryResolver
 from loraplex.v1 import generation_pb2 as pb
 from loraplex.v1 import generation_pb2_grpc as pb_grpc
-from tests.unit.fakes import FakeEngine
-
-
-def make_adapter(root, name: str, rank: int = 8) -> None:
-    folder = root / name
-    folder.mkdir()
-    config = {"peft_type": "LORA", "r": rank, "target_modules": ["q_proj", "v_proj"]}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    (folder / "adapter_model.safetensors").write_bytes(b"weights")
+from tests.unit.fakes import FakeEngine, make_adapter
 
 
 @pytest.fixture

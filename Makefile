@@ -1,6 +1,6 @@
 # `make demo` and `make test` set up .venv on first use; later runs reuse it.
 SHELL := /bin/bash
-PYTHON ?= python3
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -9,6 +9,8 @@ BUF := npx --yes @bufbuild/buf@1.75.0
 .PHONY: demo test lint format protos check-protos buf-lint bench clean
 
 $(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || \
+		{ echo "loraplex needs Python 3.11 (vLLM 0.32 / torch 2.13 wheels); set PYTHON=..." >&2; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[cpu,dev]"

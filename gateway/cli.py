@@ -124,10 +124,16 @@ def generate(
 @app.command("model-info")
 def model_info(target: Target = "localhost:50051") -> None:
     """Print what a running gateway serves, as JSON."""
+    import grpc
+
     from gateway.client import Client
 
     with Client(target) as client:
-        info = client.model_info()
+        try:
+            info = client.model_info()
+        except grpc.RpcError as exc:
+            typer.echo(f"error: {exc.code().name}: {exc.details()}", err=True)
+            raise typer.Exit(1) from exc
     typer.echo(json.dumps(MessageToDict(info, preserving_proto_field_name=True), indent=2))
 
 

@@ -1,4 +1,4 @@
-"""The vLLM engine behind the gateway: the ONLY module that imports vLLM.
+"""The vLLM engine behind the gateway (with engine_patches.py, the only modules importing vLLM).
 
 `VllmEngine` implements `gateway.domain.Engine` on vLLM's `AsyncLLM` (the engine core runs in
 its own process, as vLLM does it); the gRPC server runs in this process's event loop.

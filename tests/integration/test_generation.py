@@ -166,39 +166,6 @@ async def test_concurrent_prompt_logprobs_keep_engine_alive(gateway, hf, adapter
     assert gateway.process.poll() is None
 
 
-async def _wait_engine_idle(client: AsyncClient, timeout: float = 10.0) -> int:
-    deadline = time.monotonic() + timeout
-    while (info := await client.model_info()).unfinished_requests and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    return info.unfinished_requests
-
-
-async def test_cancelled_stream_is_aborted_in_engine(gateway):
-    async with AsyncClient(gateway.target) as client:
-        call = client.stub.GenerateStream(
-            pb.GenerateStreamRequest(
-                text="A long story:",
-                stopping=pb.StoppingCriteria(max_tokens=480, ignore_eos=True),
-            )
-        )
-        received = 0
-        async for _ in call:
-            received += 1
-            if received == 3:
-                break
-        assert (await client.model_info()).unfinished_requests == 1
-        call.cancel()
-        assert await _wait_engine_idle(client) == 0
-
-
-async def test_deadline_aborts_request_in_engine(gateway):
-    async with AsyncClient(gateway.target) as client:
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await client.generate("A long story:", max_tokens=480, ignore_eos=True, timeout=0.5)
-        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert await _wait_engine_idle(client) == 0
-
-
 BAD_REQUESTS = [
     ({"adapter": "no-such-adapter"}, grpc.StatusCode.NOT_FOUND, "no-such-adapter"),
     ({"temperature": -1.0}, grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature"),

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import platform
-import signal
 import subprocess
 import sys
 import time
@@ -39,7 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gateway.config import GatewayConfig
-from gateway.demo import free_port
+from gateway.process import free_port, spawn, stop
 from trainer.tiny import CORPUS, TinyModel, build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -212,31 +211,6 @@ def summarize(results: list[RequestResult], wall: float) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the systems
 
 
-def spawn(
-    command: list[str], log_path: Path, env: dict[str, str] | None = None
-) -> subprocess.Popen:
-    """A server in its own process group (so a hung one can be killed with its children)."""
-    with log_path.open("w") as log_file:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
-            command,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env={**(env or os.environ), "PYTHONUNBUFFERED": "1"},
-            start_new_session=True,
-        )
-
-
-def stop_process(proc: subprocess.Popen) -> None:
-    """SIGTERM and wait (servers drain and stop their engine); SIGKILL the group if stuck."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 class InProcessEngine:
     """AsyncLLM driven directly, with the requests the gateway's engine would make."""
 
@@ -344,7 +318,7 @@ async def gateway_system(
 
             yield stream
     finally:
-        stop_process(proc)
+        stop(proc, STOP_TIMEOUT_S)
 
 
 def vllm_server_command(config: GatewayConfig, model: TinyModel, port: int) -> list[str]:
@@ -444,7 +418,7 @@ async def vllm_serve_system(
 
             yield stream
     finally:
-        stop_process(proc)
+        stop(proc, STOP_TIMEOUT_S)
 
 
 async def _sse_deltas(lines: AsyncIterator[bytes]) -> AsyncIterator[Delta]:

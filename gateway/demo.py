@@ -7,12 +7,6 @@ together, and that each adapter changes the output. Exits non-zero if anything i
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,36 +15,10 @@ from rich.console import Console
 from rich.table import Table
 
 from gateway.client import AsyncClient, wait_until_serving
+from gateway.process import free_port, kill, start_gateway, stop
 
 PROMPTS = ["The weather today is", "My favourite food is", "Once upon a time"]
 MAX_TOKENS = 12
-
-
-def free_port() -> int:
-    """A TCP port that is free on loopback right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_gateway(args: list[str], log_path: Path) -> subprocess.Popen:
-    """`loraplex serve ARGS` in a child process (own session, so its engine processes can be
-    killed with it), logging to a file."""
-    with log_path.open("w") as log_file:
-        return subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", *args],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-
-
-def kill_gateway(proc: subprocess.Popen) -> None:
-    """SIGKILL the gateway and the engine processes it started (its process group)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 async def _query_all(target: str, adapters: list[str]) -> dict[tuple[str, str], tuple[str, str]]:
@@ -108,7 +76,7 @@ def run_demo(workdir: Path, n_adapters: int) -> int:
         elapsed = time.monotonic() - sent
     except (OSError, RuntimeError, TimeoutError, grpc.RpcError) as exc:
         console.print(f"[red]demo failed:[/] {exc}; gateway log: {log_path}")
-        kill_gateway(proc)
+        kill(proc)
         return 1
 
     table = Table(title=f"{len(results)} concurrent requests over gRPC in {elapsed:.2f}s")
@@ -122,8 +90,7 @@ def run_demo(workdir: Path, n_adapters: int) -> int:
 
     distinct = {tuple(results[(a, p)][0] for p in PROMPTS) for a in ["", *names]}
     served_ok = all(results[(a, p)][1] == (a or "base") for a in ["", *names] for p in PROMPTS)
-    proc.send_signal(signal.SIGTERM)
-    code = proc.wait(timeout=60)
+    code = stop(proc, timeout=60)
     console.print(
         f"gateway exited with {code} after SIGTERM; total {time.monotonic() - started:.0f}s"
     )

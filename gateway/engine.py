@@ -135,7 +135,7 @@ class VllmEngine:
         # tested). Where that fix is not active (vLLM's Triton path on GPU, which we cannot test
         # here, or the plugin disabled) such requests are refused: one would kill the engine.
         self._prompt_logprobs_safe = not enable_lora or _lora_fixes_active()
-        if enable_lora and not _lora_fixes_active():
+        if not self._prompt_logprobs_safe:
             log.warning("vLLM LoRA fixes not active here: prompt_logprobs requests are refused")
         self._loaded_adapters: set[int] = set()
         self.info = EngineInfo(
@@ -253,7 +253,6 @@ class VllmEngine:
         """
         if adapter.engine_id not in self._loaded_adapters:
             await self.add_adapter(adapter)
-            self._loaded_adapters.add(adapter.engine_id)
 
     def _chunk(self, output, request: EngineRequest, first: bool) -> GenerationChunk:  # noqa: ANN001
         completion = output.outputs[0]
@@ -282,6 +281,7 @@ class VllmEngine:
             await self._llm.add_lora(self._lora_request(adapter))
         except Exception as exc:
             raise AdapterUnavailable(f"adapter {adapter.name!r} failed to load: {exc}") from exc
+        self._loaded_adapters.add(adapter.engine_id)
 
     def unfinished_requests(self) -> int:
         return self._llm.get_num_unfinished_requests()

@@ -6,7 +6,6 @@ sub-folder of a directory that holds an `adapter_config.json`, named after the f
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -15,7 +14,8 @@ from pathlib import Path
 from typing import Protocol
 
 from gateway.domain import ResolvedAdapter
-from gateway.errors import AdapterNotFound, AdapterUnavailable
+from gateway.errors import AdapterNotFound, AdapterUnavailable, InvalidAdapter
+from gateway.registry.validate import read_lora_config
 
 log = logging.getLogger(__name__)
 
@@ -39,24 +39,6 @@ class _Entry:
     adapter: ResolvedAdapter | None
     problem: str | None
     fingerprint: tuple[int, int]
-
-
-def read_adapter_config(folder: Path) -> tuple[int, tuple[str, ...]]:
-    """Rank and target modules from a peft adapter folder; ValueError if it is not LoRA."""
-    config = json.loads((folder / "adapter_config.json").read_text())
-    if not isinstance(config, dict):
-        raise ValueError("adapter_config.json must hold a JSON object")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"peft_type {config.get('peft_type')!r} is not LORA")
-    rank = config.get("r")
-    if not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"r must be a positive integer, got {rank!r}")
-    modules = config.get("target_modules") or ()
-    if isinstance(modules, str):
-        modules = (modules,)
-    if not all(isinstance(m, str) for m in modules):
-        raise ValueError("target_modules must be names")
-    return rank, tuple(sorted(modules))
 
 
 class DirectoryResolver:
@@ -93,8 +75,8 @@ class DirectoryResolver:
     def _load_entry(self, folder: Path) -> _Entry:
         try:
             fingerprint = self._fingerprint(folder)
-            rank, modules = read_adapter_config(folder)
-        except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+            _, rank, modules = read_lora_config(folder)
+        except (OSError, ValueError, InvalidAdapter) as exc:
             return _Entry(None, f"adapter {folder.name!r} is unreadable: {exc}", (0, 0))
         if rank > self.max_lora_rank:
             problem = (

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.client import Client, wait_until_serving
-from gateway.demo import free_port, kill_gateway, start_gateway
+from gateway.process import free_port, kill, start_gateway, stop
 from trainer.tiny import TinyModel, build_tiny_model
 
 N_ADAPTERS = 5  # one more than the engine's 4 slots, and one with an lm_head LoRA
@@ -37,9 +36,7 @@ class RunningGateway:
 
     def stop(self, timeout: float = 60) -> int:
         """SIGTERM and wait; returns the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=timeout)
+        return stop(self.process, timeout)
 
 
 def launch_gateway(model: TinyModel, log: Path, *extra: str) -> RunningGateway:
@@ -57,7 +54,7 @@ def launch_gateway(model: TinyModel, log: Path, *extra: str) -> RunningGateway:
     try:
         wait_until_serving(gateway.target, timeout=300, alive=lambda: process.poll() is None)
     except (TimeoutError, RuntimeError):
-        kill_gateway(process)
+        kill(process)
         raise RuntimeError(f"gateway did not start; log:\n{log.read_text()[-4000:]}") from None
     return gateway
 

@@ -94,6 +94,21 @@ def _read_json(path: Path) -> dict:
     return value
 
 
+def read_lora_config(folder: Path) -> tuple[dict, int, tuple[str, ...]]:
+    """A LoRA adapter's adapter_config.json: the config, its rank r and its target modules."""
+    config = _read_json(folder / CONFIG_FILE)
+    if config.get("peft_type") != "LORA":
+        raise InvalidAdapter(f"peft_type is {config.get('peft_type')!r}; only LORA is served")
+    rank = config.get("r")
+    if not isinstance(rank, int) or rank < 1:
+        raise InvalidAdapter(f"adapter_config.json: r must be a positive integer, got {rank!r}")
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else targets
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise InvalidAdapter("adapter_config.json: target_modules must be module names")
+    return config, rank, tuple(sorted(targets))
+
+
 def _lora_shapes(weights_path: Path) -> dict[str, dict[str, list[int]]]:
     """{module path: {"A": shape, "B": shape}} from the safetensors header."""
     try:
@@ -165,14 +180,8 @@ def inspect_adapter(
 ) -> AdapterFacts:
     """All registration checks on an adapter folder; raises InvalidAdapter naming the problem."""
     size = check_files(folder, max_bytes)
-    config = _read_json(folder / CONFIG_FILE)
+    config, _, targets = read_lora_config(folder)
     manifest = _read_json(folder / MANIFEST_FILE) if (folder / MANIFEST_FILE).is_file() else {}
-    if config.get("peft_type") != "LORA":
-        raise InvalidAdapter(f"peft_type is {config.get('peft_type')!r}; only LORA is served")
-    if not isinstance(config.get("r"), int) or config["r"] < 1:
-        raise InvalidAdapter(
-            f"adapter_config.json: r must be a positive integer, got {config.get('r')!r}"
-        )
     shapes = _lora_shapes(folder / WEIGHTS_FILE)
     rank = _check_weights(config, shapes)
     if rank > max_rank:
@@ -180,11 +189,10 @@ def inspect_adapter(
     missing = [m for m in sorted(shapes) if m not in base.modules]
     if missing:
         raise InvalidAdapter(f"target modules not in the base model: {', '.join(missing[:5])}")
-    targets = config.get("target_modules") or []
     return AdapterFacts(
         rank=rank,
         alpha=float(config.get("lora_alpha", rank)),
-        target_modules=tuple(sorted([targets] if isinstance(targets, str) else targets)),
+        target_modules=targets,
         size_bytes=size,
         base_fingerprint=base.fingerprint,
         base_rule=_check_base(config, manifest, base),

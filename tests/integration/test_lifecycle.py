@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from gateway.client import AsyncClient
-from gateway.demo import kill_gateway
+from gateway.process import kill
 from loraplex.v1 import generation_pb2 as pb
 from tests.conftest import launch_gateway
 
@@ -24,7 +24,7 @@ def fp8_gateway(tiny_model, tmp_path_factory):
     )  # fmt: skip
     yield running
     if running.process.poll() is None:
-        kill_gateway(running.process)
+        kill(running.process)
 
 
 async def test_fp8_base_serves_distinct_adapters(fp8_gateway, tiny_model):

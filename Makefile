@@ -4,6 +4,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+PG_STAMP := $(VENV)/.postgres
+PG_LIB ?= /usr/lib/postgresql
 BUF := npx --yes @bufbuild/buf@1.75.0
 
 .PHONY: demo test lint format protos check-protos buf-lint bench clean
@@ -19,10 +21,25 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
 
+# The tests start throwaway PostgreSQL servers (tests/postgres.py), which need Debian's server
+# binaries ($(PG_LIB)/<version>/bin); install them if missing (root, or sudo when not root).
+$(PG_STAMP): $(STAMP)
+	@if ! ls $(PG_LIB)/*/bin/initdb >/dev/null 2>&1; then \
+		if [ "$$(id -u)" -eq 0 ]; then sudo=; \
+		elif command -v sudo >/dev/null; then sudo=sudo; \
+		else echo "PostgreSQL server missing: run as root, or install sudo" >&2; exit 1; fi; \
+		set -x; \
+		$$sudo apt-get update && \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql; \
+	fi
+	@ls $(PG_LIB)/*/bin/initdb >/dev/null 2>&1 || \
+		{ echo "no $(PG_LIB)/*/bin/initdb after installing postgresql" >&2; exit 1; }
+	touch $@
+
 demo: $(STAMP)
 	$(VENV)/bin/loraplex demo
 
-test: $(STAMP)
+test: $(PG_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest

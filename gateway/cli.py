@@ -11,11 +11,14 @@ from typing import Annotated
 import typer
 from google.protobuf.json_format import MessageToDict
 
+from gateway.cli_adapters import adapters_app
+
 app = typer.Typer(
     help="loraplex: serve many LoRA adapters on one base model over gRPC, on vLLM.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+app.add_typer(adapters_app, name="adapters")
 
 Target = Annotated[str, typer.Option("--target", help="Gateway address host:port.")]
 

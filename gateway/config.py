@@ -31,7 +31,20 @@ class GatewayConfig(BaseModel):
     model: str
     """Base model: a local model folder (or a hub id on hosts that may download)."""
     adapters_dir: Path | None = None
-    """Folder of adapters; every sub-folder with an adapter_config.json is served under its name."""
+    """Directory mode: serve every sub-folder with an adapter_config.json under its name (no
+    registry). Unset: registry mode (AdapterService, versions and aliases)."""
+    data_dir: Path = Field(default_factory=lambda: Path.home() / ".loraplex")
+    """Registry mode: where the SQLite registry and the artifact store live."""
+    registry_url: str | None = None
+    """Registry mode: SQLAlchemy URL of the registry database; default SQLite in data_dir. A
+    `postgresql+psycopg://...` URL lets several replicas share one registry (and data_dir)."""
+    registry_poll_interval_s: float = Field(default=0.5, gt=0, le=60)
+    """Registry mode: how often to look for changes made by other replicas."""
+    max_adapter_bytes: int = Field(default=1 << 30, ge=1024)
+    """Largest adapter (its files, or an uploaded archive) accepted at registration."""
+    base_model_names: list[str] = Field(default_factory=list)
+    """Other names of the served base that adapters may declare as base_model_name_or_path
+    (e.g. its hub id when the model is served from a local folder)."""
     quantization: str | None = None
     """Quantization of the base: `fp8_per_channel` (online, CPU), or awq/gptq/fp8/... on GPU."""
     dtype: Dtype = "auto"
@@ -68,6 +81,11 @@ class GatewayConfig(BaseModel):
     """On SIGTERM: seconds in-flight requests get to finish before they are cancelled."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the gateway."""
+
+    @property
+    def registry_database(self) -> str:
+        """The registry's SQLAlchemy URL."""
+        return self.registry_url or f"sqlite:///{self.data_dir / 'registry.db'}"
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> GatewayConfig:

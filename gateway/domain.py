@@ -169,6 +169,10 @@ class Engine(Protocol):
         """Load an adapter version into the engine ahead of its first request."""
         ...
 
+    async def adapter_residency(self) -> tuple[set[int], set[int]]:
+        """Engine ids of adapters (in batch slots, cached in CPU memory only)."""
+        ...
+
     def unfinished_requests(self) -> int:
         """Requests the engine holds (running or waiting)."""
         ...

@@ -69,6 +69,7 @@ def _engine_args(config: GatewayConfig, enable_lora: bool):
         distributed_executor_backend=config.executor_backend,
         seed=config.seed,
         disable_log_stats=False,
+        worker_extension_cls="gateway.engine_worker.LoraResidencyExtension",
     )
 
 
@@ -282,6 +283,14 @@ class VllmEngine:
         except Exception as exc:
             raise AdapterUnavailable(f"adapter {adapter.name!r} failed to load: {exc}") from exc
         self._loaded_adapters.add(adapter.engine_id)
+
+    async def adapter_residency(self) -> tuple[set[int], set[int]]:
+        if not self._lora_enabled:
+            return set(), set()
+        results = await self._llm.collective_rpc("loraplex_lora_residency")
+        active = {i for slots, _ in results for i in slots}
+        cached = {i for _, registered in results for i in registered}
+        return active, cached - active
 
     def unfinished_requests(self) -> int:
         return self._llm.get_num_unfinished_requests()

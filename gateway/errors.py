@@ -61,6 +61,13 @@ class NotSupported(LoraplexError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class PreconditionFailed(LoraplexError):
+    """The registry is not in the state the call needs (alias moved meanwhile, version in use,
+    no passing evaluation); nothing was changed."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class EngineUnavailable(LoraplexError):
     """The engine is starting, draining or dead; the client may retry elsewhere or later."""
 

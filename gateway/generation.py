@@ -151,7 +151,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     ) -> pb.GenerateResponse:
         pipeline = self._ready()
         prepared = pipeline.prepare(request_from_pb(request))
-        result = await pipeline.complete(prepared)
+        with pipeline.running(prepared.adapter):
+            result = await pipeline.complete(prepared)
         return response_to_pb(prepared.request_id, result, prepared.adapter)
 
     @grpc_errors
@@ -162,12 +163,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         pipeline = self._ready()
         prepared = pipeline.prepare(request_from_pb(request))
         first = True
-        async with contextlib.aclosing(pipeline.stream(prepared)) as chunks:  # cancel -> abort
-            async for chunk in chunks:
-                await context.write(
-                    delta_to_pb(prepared.request_id, chunk, prepared.adapter, first)
-                )
-                first = False
+        with pipeline.running(prepared.adapter):
+            async with contextlib.aclosing(pipeline.stream(prepared)) as chunks:  # cancel: abort
+                async for chunk in chunks:
+                    await context.write(
+                        delta_to_pb(prepared.request_id, chunk, prepared.adapter, first)
+                    )
+                    first = False
 
     @grpc_errors
     async def Tokenize(

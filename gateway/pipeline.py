@@ -5,10 +5,11 @@ Validation errors name the request field (as spelled in the proto) so clients ca
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 from gateway.domain import (
     Engine,
@@ -88,6 +89,7 @@ class GenerationPipeline:
     def __init__(self, engine: Engine, resolver: AdapterResolver) -> None:
         self.engine = engine
         self.resolver = resolver
+        self.in_flight: collections.Counter[tuple[str, int]] = collections.Counter()
 
     def resolve(self, reference: str) -> ResolvedAdapter | None:
         """The adapter version a reference names; None for the base model."""
@@ -146,12 +148,24 @@ class GenerationPipeline:
             adapter=adapter,
         )
 
+    @contextlib.contextmanager
+    def running(self, adapter: ResolvedAdapter | None) -> Iterator[None]:
+        """Counts requests per adapter version (a version in use cannot be deleted)."""
+        key = (adapter.name, adapter.version) if adapter else ("", 0)
+        self.in_flight[key] += 1
+        try:
+            yield
+        finally:
+            self.in_flight[key] -= 1
+            if not self.in_flight[key]:
+                del self.in_flight[key]
+
     def stream(self, request: EngineRequest) -> AsyncIterator[GenerationChunk]:
-        """Deltas of a prepared request."""
+        """Deltas of a prepared request (run it inside `running`)."""
         return self.engine.generate(request, stream=True)
 
     async def complete(self, request: EngineRequest) -> GenerationChunk:
-        """The whole completion of a prepared request."""
+        """The whole completion of a prepared request (run it inside `running`)."""
         result = GenerationChunk()
         async with contextlib.aclosing(self.engine.generate(request, stream=False)) as chunks:
             async for chunk in chunks:

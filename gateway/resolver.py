@@ -124,13 +124,3 @@ class DirectoryResolver:
 
     def servable(self) -> list[ResolvedAdapter]:
         return [e.adapter for e in self._entries.values() if e.adapter is not None]
-
-
-class NoAdapters:
-    """Resolver for a gateway started without adapters: every reference is unknown."""
-
-    def resolve(self, reference: str) -> ResolvedAdapter:
-        raise AdapterNotFound(reference)
-
-    def servable(self) -> list[ResolvedAdapter]:
-        return []

@@ -11,31 +11,46 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from pathlib import Path
 
 import grpc
 import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gateway.config import GatewayConfig
+from gateway.adapter_service import AdapterServicer
+from gateway.config import ConfigError, GatewayConfig
 from gateway.domain import Engine
 from gateway.generation import GenerationServicer
 from gateway.pipeline import GenerationPipeline
-from gateway.resolver import AdapterResolver, DirectoryResolver, NoAdapters
-from loraplex.v1 import generation_pb2, generation_pb2_grpc
+from gateway.registry.service import Registry
+from gateway.registry.validate import BaseModelFacts
+from gateway.resolver import AdapterResolver, DirectoryResolver
+from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+ADAPTER_SERVICE = adapters_pb2.DESCRIPTOR.services_by_name["AdapterService"].full_name
 WATCHDOG_INTERVAL_S = 1.0
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
-def build_resolver(config: GatewayConfig) -> AdapterResolver:
-    """Directory mode when adapters_dir is set; otherwise the base model only."""
-    if config.adapters_dir is None:
-        return NoAdapters()
-    return DirectoryResolver(config.adapters_dir, config.max_lora_rank)
+def open_registry(config: GatewayConfig) -> Registry:
+    """The registry of registry mode (creates the data dir and database on first use)."""
+    if not Path(config.model).is_dir():
+        raise ConfigError(
+            "registry mode needs `model` to be a local model folder (registration checks "
+            "adapters against its config and tokenizer); download it first, or set adapters_dir"
+        )
+    base = BaseModelFacts.from_folder(Path(config.model), tuple(config.base_model_names))
+    return Registry.open(
+        config.registry_database,
+        config.data_dir,
+        base,
+        config.max_lora_rank,
+        config.max_adapter_bytes,
+    )
 
 
 class Gateway:
@@ -44,6 +59,7 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.pipeline: GenerationPipeline | None = None
+        self.registry: Registry | None = None
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
             options=[
@@ -57,10 +73,14 @@ class Gateway:
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
             GenerationServicer(lambda: self.pipeline), self.server
         )
+        adapters_pb2_grpc.add_AdapterServiceServicer_to_server(
+            AdapterServicer(lambda: self.registry, lambda: self.pipeline), self.server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [
                 GENERATION_SERVICE,
+                ADAPTER_SERVICE,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ],
@@ -76,14 +96,13 @@ class Gateway:
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for service in ("", GENERATION_SERVICE):
+        for service in ("", GENERATION_SERVICE, ADAPTER_SERVICE):
             await self.health.set(service, status)
 
     async def _start_engine(self, resolver: AdapterResolver) -> Engine:
         from gateway.engine import VllmEngine  # the only vLLM import
 
-        enable_lora = self.config.adapters_dir is not None
-        engine = await asyncio.to_thread(VllmEngine.start, self.config, enable_lora)
+        engine = await asyncio.to_thread(VllmEngine.start, self.config, True)
         for adapter in resolver.servable()[: self.config.max_cpu_loras or self.config.max_loras]:
             try:
                 await engine.add_adapter(adapter)
@@ -114,21 +133,35 @@ class Gateway:
         await self._set_health(False)
         await self.server.start()
         log.info("loraplex gateway listening on %s:%d", self.config.host, self.port)
-        resolver = build_resolver(self.config)
+        resolver: AdapterResolver
+        if self.config.adapters_dir is not None:
+            resolver = DirectoryResolver(self.config.adapters_dir, self.config.max_lora_rank)
+        else:
+            self.registry = await asyncio.to_thread(open_registry, self.config)
+            await self.registry.view.refresh(force=True)
+            resolver = self.registry.view
+            log.info("registry: %s", self.config.registry_database.split("@")[-1])
         engine = await self._start_engine(resolver)
-        watchdog = None
+        tasks = []
         if not self._stop.is_set():
             self.pipeline = GenerationPipeline(engine, resolver)
             await self._set_health(True)
             log.info("engine ready: %s, %d adapters", engine.info.engine, len(resolver.servable()))
-            watchdog = asyncio.create_task(self._watchdog(engine))
+            tasks.append(asyncio.create_task(self._watchdog(engine)))
+            if self.registry is not None:
+                follow = self.registry.view.follow(
+                    engine.add_adapter, self.config.registry_poll_interval_s, self._stop
+                )
+                tasks.append(asyncio.create_task(follow))
         await self._stop.wait()
         await self._set_health(False)
         await self.server.stop(self.config.grace_period_s)
-        if watchdog is not None:
-            watchdog.cancel()
+        for task in tasks:
+            task.cancel()
         self.pipeline = None
         await engine.shutdown()
+        if self.registry is not None:
+            self.registry.close()
         log.info("gateway stopped (exit %d)", self._exit_code)
         return self._exit_code
 

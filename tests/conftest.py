@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from gateway.client import Client, wait_until_serving
 from gateway.process import free_port, kill, start_gateway, stop
+from tests.postgres import PostgresServer
 from trainer.tiny import TinyModel, build_tiny_model
 
 N_ADAPTERS = 5  # one more than the engine's 4 slots, and one with an lm_head LoRA
@@ -69,3 +71,19 @@ def gateway(
     yield running
     code = running.stop()
     assert code == 0, f"gateway exited {code}; log:\n{log.read_text()[-4000:]}"
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server on loopback for the session (Debian's binaries, `make test`)."""
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def registry_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty registry database: SQLite (WAL) in tmp_path, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'registry.db'}"
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return server.create_database(f"t_{uuid.uuid4().hex[:16]}")

@@ -4,16 +4,34 @@ A folder is copied into `tmp/` first, hashed from the copy, made read-only, fsyn
 renamed into place in one step, so a crash leaves either nothing or a complete object; leftover
 `tmp/` copies and unreferenced objects are removed by `sweep` at start-up. The same content
 always lands at the same path, so registering identical files twice stores them once.
+
+Registrations hold a shared `flock` on `store.lock` from copying files in until their database
+row is committed; `sweep` and object removal take it exclusively. So a sweep never removes the
+object of a registration still in progress (in this or another process on the same volume),
+and a killed registrar's lock is released by the kernel.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+PAUSE_ENV = "LORAPLEX_TEST_PAUSE_AT"
+
+
+def failpoint(name: str) -> None:
+    """Crash tests park a registration here and SIGKILL it; a no-op unless PAUSE_ENV names it."""
+    if os.environ.get(PAUSE_ENV) == name:
+        Path(os.environ[PAUSE_ENV + "_MARKER"]).write_text(name)
+        while True:  # until killed
+            os.pause()
 
 
 @dataclass(frozen=True)
@@ -53,6 +71,25 @@ class ArtifactStore:
         self.tmp = root / "tmp"
         self.objects.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self.lock_file = root / "store.lock"
+        self.lock_file.touch()
+
+    @contextlib.contextmanager
+    def _locked(self, mode: int) -> Iterator[None]:
+        fd = os.open(self.lock_file, os.O_RDWR)
+        try:
+            fcntl.flock(fd, mode)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def writing(self) -> contextlib.AbstractContextManager[None]:
+        """Held by a registration from `put` until its version row is committed."""
+        return self._locked(fcntl.LOCK_SH)
+
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        """Held while removing objects: no registration is between `put` and commit."""
+        return self._locked(fcntl.LOCK_EX)
 
     def path(self, sha256: str) -> Path:
         return self.objects / sha256
@@ -67,6 +104,7 @@ class ArtifactStore:
         for path in staging.iterdir():
             path.chmod(0o444)
             _fsync(path)
+        failpoint("before_rename")
         sha256 = folder_digest(staging)
         target = self.path(sha256)
         if target.is_dir():
@@ -91,7 +129,10 @@ class ArtifactStore:
             shutil.rmtree(target)
 
     def sweep(self, referenced: set[str]) -> list[str]:
-        """Remove crash leftovers: every tmp/ copy and every object nothing references."""
+        """Remove crash leftovers: every tmp/ copy and every object nothing references.
+
+        Call under `exclusive()`, with `referenced` read after taking it.
+        """
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
         orphans = [p.name for p in self.objects.iterdir() if p.name not in referenced]

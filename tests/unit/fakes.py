@@ -14,6 +14,7 @@ from gateway.domain import (
     ResolvedAdapter,
     Usage,
 )
+from gateway.errors import AdapterUnavailable
 
 INFO = EngineInfo(
     base_model="fake",
@@ -36,6 +37,8 @@ class FakeEngine:
         self.healthy = True
         self.fail_with: Exception | None = None
         self.seen: list[EngineRequest] = []
+        self.loaded: dict[int, ResolvedAdapter] = {}
+        self.refuse_adapters: set[str] = set()  # names whose load fails, as vLLM's would
 
     async def generate(
         self, request: EngineRequest, stream: bool
@@ -63,7 +66,12 @@ class FakeEngine:
         return [f"<{t}>" for t in token_ids]
 
     async def add_adapter(self, adapter: ResolvedAdapter) -> None:
-        return None
+        if adapter.name in self.refuse_adapters:
+            raise AdapterUnavailable(f"adapter {adapter.name!r} failed to load: refused by fake")
+        self.loaded[adapter.engine_id] = adapter
+
+    async def adapter_residency(self) -> tuple[set[int], set[int]]:
+        return set(list(self.loaded)[-INFO.max_loras :]), set(list(self.loaded)[: -INFO.max_loras])
 
     def unfinished_requests(self) -> int:
         return 0

@@ -1,0 +1,232 @@
+"""Registry operations end to end: validate, store, pre-warm in the engine, record, publish.
+
+Registration order is what makes a crash harmless: the files are validated, copied into the
+artifact store (atomic), loaded into the engine, and only then is the version row committed.
+A crash before the commit leaves at most an unreferenced object, which `recover` removes at
+the next start; a crash after it leaves a complete version. A failed registration removes
+what it stored, so a refused adapter leaves no row and no files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.domain import ResolvedAdapter
+from gateway.errors import AdapterUnavailable, InvalidAdapter, InvalidRequest
+from gateway.registry.artifacts import ArtifactStore, failpoint
+from gateway.registry.store import (
+    AdapterRecord,
+    AliasMove,
+    AuditEvent,
+    EvaluationRecord,
+    NewVersion,
+    RegistryStore,
+    VersionRecord,
+    check_alias_move,
+    check_registration,
+)
+from gateway.registry.validate import BaseModelFacts, extract_upload, inspect_adapter
+from gateway.registry.view import Prewarm, RegistryView
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What a caller asks to register, besides the files."""
+
+    name: str
+    description: str = ""
+    owner: str = ""
+    metadata: dict | None = None
+    source: str = ""
+    alias: str = ""
+
+
+class Registry:
+    """The adapter registry of one gateway: store, artifacts and the in-memory view."""
+
+    def __init__(
+        self,
+        store: RegistryStore,
+        artifacts: ArtifactStore,
+        base: BaseModelFacts,
+        max_rank: int,
+        max_bytes: int,
+    ) -> None:
+        self.store = store
+        self.artifacts = artifacts
+        self.base = base
+        self.max_rank = max_rank
+        self.max_bytes = max_bytes
+        self.view = RegistryView(store, artifacts.path)
+
+    @classmethod
+    def open(
+        cls, url: str, data_dir: Path, base: BaseModelFacts, max_rank: int, max_bytes: int
+    ) -> Registry:
+        """Open (creating or upgrading) the registry and clean up after any crash."""
+        data_dir.mkdir(parents=True, exist_ok=True)
+        registry = cls(
+            RegistryStore(url), ArtifactStore(data_dir / "artifacts"), base, max_rank, max_bytes
+        )
+        registry.recover()
+        return registry
+
+    def close(self) -> None:
+        self.store.close()
+
+    def recover(self) -> list[str]:
+        """Remove leftovers of interrupted registrations (waits for running ones to finish)."""
+        with self.artifacts.exclusive():
+            removed = self.artifacts.sweep(self.store.referenced_digests())
+        if removed:
+            log.info("removed %d unreferenced artifacts left by interrupted work", len(removed))
+        return removed
+
+    def _remove_if_unreferenced(self, sha256: str) -> bool:
+        with self.artifacts.exclusive():
+            if sha256 in self.store.referenced_digests():
+                return False
+            self.artifacts.remove(sha256)
+            return True
+
+    async def register(
+        self, folder: Path, request: Registration, actor: str, prewarm: Prewarm
+    ) -> VersionRecord:
+        """Validate, store, load into the engine, then record; nothing is left on failure."""
+        check_registration(request.name, request.alias)
+        facts = await asyncio.to_thread(
+            inspect_adapter, folder, self.base, self.max_rank, self.max_bytes
+        )
+        with self.artifacts.writing():
+            artifact = await asyncio.to_thread(self.artifacts.put, folder)
+            try:
+                failpoint("after_artifact")
+                adapter = self.view.adapter(
+                    request.name, 0, artifact.sha256, facts.rank, facts.target_modules
+                )
+                try:
+                    await prewarm(adapter)
+                except AdapterUnavailable as exc:
+                    raise InvalidAdapter(f"the engine could not load the adapter: {exc}") from exc
+                new = NewVersion(
+                    facts=facts,
+                    sha256=artifact.sha256,
+                    source=request.source or str(folder),
+                    metadata={**facts.manifest, **(request.metadata or {})},
+                    description=request.description,
+                    owner=request.owner,
+                    alias=request.alias,
+                )
+                record = await asyncio.to_thread(self.store.add_version, request.name, new, actor)
+                failpoint("after_commit")
+                failure: BaseException | None = None
+            except BaseException as exc:  # noqa: BLE001 - cleaned up below, then re-raised
+                failure = exc
+        if failure is not None:  # outside the shared lock: removal takes it exclusively
+            if artifact.created:
+                await asyncio.to_thread(self._remove_if_unreferenced, artifact.sha256)
+            raise failure
+        await self.view.refresh(force=True)
+        return record
+
+    async def upload(
+        self,
+        request: Registration,
+        chunks: AsyncIterator[bytes],
+        archive_sha256: str,
+        actor: str,
+        prewarm: Prewarm,
+    ) -> VersionRecord:
+        """Receive an archive (size-limited, optionally checksummed) and register it."""
+        work = self.artifacts.tmp / f"upload-{uuid.uuid4().hex}"
+        work.mkdir()
+        try:
+            archive = work / "archive"
+            digest = hashlib.sha256()
+            size = 0
+            with archive.open("wb") as out:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > self.max_bytes:
+                        raise InvalidAdapter(f"upload exceeds the limit of {self.max_bytes} bytes")
+                    digest.update(chunk)
+                    out.write(chunk)
+            if size == 0:
+                raise InvalidRequest("chunk", "the upload carried no archive bytes")
+            if archive_sha256 and digest.hexdigest() != archive_sha256.lower():
+                raise InvalidAdapter(
+                    f"archive sha256 is {digest.hexdigest()}, not {archive_sha256} as declared"
+                )
+            folder = work / "adapter"
+            await asyncio.to_thread(extract_upload, archive, folder, self.max_bytes)
+            named = Registration(**{**request.__dict__, "source": request.source or "upload"})
+            return await self.register(folder, named, actor, prewarm)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    async def set_alias(
+        self,
+        name: str,
+        alias: str,
+        version: int,
+        actor: str,
+        prewarm: Prewarm,
+        expected: int | None = None,
+        reason: str = "",
+        force: bool = False,
+    ) -> AliasMove:
+        """Pre-warm the target, then move the alias (compare-and-swap), then publish."""
+        check_alias_move(alias, force, reason)
+        await self.view.refresh()
+        target: ResolvedAdapter = self.view.version(name, version)
+        try:
+            await prewarm(target)
+        except AdapterUnavailable as exc:
+            log.warning("pre-warming %s@v%d failed: %s", name, version, exc)
+        move = await asyncio.to_thread(
+            self.store.set_alias, name, alias, version, actor, expected, reason, force
+        )
+        await self.view.refresh(force=True)
+        return move
+
+    async def delete_version(
+        self, name: str, version: int, actor: str, reason: str, in_flight: Callable[[], int]
+    ) -> bool:
+        """Delete a version (refused while aliased or busy); returns whether files went too."""
+        sha256, shared = await asyncio.to_thread(
+            self.store.delete_version, name, version, actor, reason, in_flight
+        )
+        await self.view.refresh(force=True)
+        if shared:
+            return False
+        return await asyncio.to_thread(self._remove_if_unreferenced, sha256)
+
+    async def get_adapter(self, name: str) -> AdapterRecord:
+        return await asyncio.to_thread(self.store.get_adapter, name)
+
+    async def list_adapters(self, limit: int, after: str = "") -> list[AdapterRecord]:
+        return await asyncio.to_thread(self.store.list_adapters, limit, after)
+
+    async def alias_history(self, name: str, alias: str, limit: int) -> list[AliasMove]:
+        return await asyncio.to_thread(self.store.alias_history, name, alias, limit)
+
+    async def audit_events(self, adapter: str, limit: int) -> list[AuditEvent]:
+        return await asyncio.to_thread(self.store.audit_events, adapter, limit)
+
+    async def record_evaluation(
+        self, name: str, version: int, suite: str, passed: bool, report: dict, actor: str
+    ) -> EvaluationRecord:
+        record = await asyncio.to_thread(
+            self.store.record_evaluation, name, version, suite, passed, report, actor
+        )
+        await self.view.refresh(force=True)
+        return record

@@ -1,0 +1,65 @@
+"""An in-process gateway in registry mode with a fake engine: real gRPC, real registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from gateway.adapter_service import AdapterServicer
+from gateway.generation import GenerationServicer
+from gateway.pipeline import GenerationPipeline
+from gateway.registry.service import Registry
+from gateway.registry.validate import BaseModelFacts
+from loraplex.v1 import adapters_pb2_grpc, generation_pb2_grpc
+from tests.unit.fakes import FakeEngine
+
+MAX_RANK = 16
+MAX_BYTES = 50 * 1024 * 1024
+
+
+@dataclass
+class RegistryServer:
+    """A running server and its parts, for assertions on state."""
+
+    target: str
+    registry: Registry
+    engine: FakeEngine
+    pipeline: GenerationPipeline
+    server: grpc.aio.Server
+    data_dir: Path
+
+    async def stop(self) -> None:
+        await self.server.stop(0)
+        self.registry.close()
+
+
+async def start_registry_server(
+    base_dir: Path,
+    data_dir: Path,
+    url: str = "",
+    max_rank: int = MAX_RANK,
+    max_bytes: int = MAX_BYTES,
+) -> RegistryServer:
+    """Serve AdapterService + GenerationService on a free loopback port."""
+    registry = Registry.open(
+        url or f"sqlite:///{data_dir / 'registry.db'}",
+        data_dir,
+        BaseModelFacts.from_folder(base_dir),
+        max_rank,
+        max_bytes,
+    )
+    await registry.view.refresh(force=True)
+    engine = FakeEngine()
+    pipeline = GenerationPipeline(engine, registry.view)
+    server = grpc.aio.server()
+    generation_pb2_grpc.add_GenerationServiceServicer_to_server(
+        GenerationServicer(lambda: pipeline), server
+    )
+    adapters_pb2_grpc.add_AdapterServiceServicer_to_server(
+        AdapterServicer(lambda: registry, lambda: pipeline), server
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return RegistryServer(f"127.0.0.1:{port}", registry, engine, pipeline, server, data_dir)

@@ -35,7 +35,15 @@ def _setup_logging(level: str) -> None:
 def serve(
     config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
     model: Annotated[str | None, typer.Option(help="Base model folder.")] = None,
-    adapters_dir: Annotated[Path | None, typer.Option(help="Folder of adapter folders.")] = None,
+    adapters_dir: Annotated[
+        Path | None, typer.Option(help="Directory mode: a folder of adapter folders.")
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Registry mode: registry database and artifacts.")
+    ] = None,
+    registry_url: Annotated[
+        str | None, typer.Option(help="Registry database URL (default SQLite in data-dir).")
+    ] = None,
     quantization: Annotated[str | None, typer.Option(help="e.g. fp8_per_channel, awq.")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16, float16.")] = None,
     host: Annotated[str | None, typer.Option(help="Listen address.")] = None,

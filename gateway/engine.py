@@ -73,6 +73,19 @@ def _engine_args(config: GatewayConfig, enable_lora: bool):
     )
 
 
+def lora_request_for(adapter: ResolvedAdapter):  # noqa: ANN201 - vLLM type, imported lazily
+    """The vLLM LoRARequest of an adapter version.
+
+    vLLM compares and hashes LoRARequests by *name* but loads and batches them by int id. Two
+    versions of one adapter under one name in the same batch collapsed into one request, the
+    other version was never loaded, and the step failed (KeyError: the engine died). So the
+    name is derived from the engine id alone: one name per weights, one weights per name.
+    """
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(f"loraplex-{adapter.engine_id}", adapter.engine_id, str(adapter.path))
+
+
 def _top(entries: dict, limit: int) -> tuple[TopLogprob, ...]:
     ranked = [
         TopLogprob(tid, lp.decoded_token or "", lp.logprob, lp.rank)
@@ -165,9 +178,7 @@ class VllmEngine:
             return None
         if not self._lora_enabled:
             raise AdapterUnavailable("this gateway was started without LoRA support")
-        from vllm.lora.request import LoRARequest
-
-        return LoRARequest(adapter.name, adapter.engine_id, str(adapter.path))
+        return lora_request_for(adapter)
 
     def _sampling_params(self, request: EngineRequest, output_kind_delta: bool):
         from vllm import SamplingParams

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.client import Client, wait_until_serving
+from gateway.client import AdapterClient, Client, wait_until_serving
 from gateway.process import free_port, kill, start_gateway, stop
 from tests.postgres import PostgresServer
 from trainer.tiny import TinyModel, build_tiny_model
@@ -41,12 +41,22 @@ class RunningGateway:
         return stop(self.process, timeout)
 
 
-def launch_gateway(model: TinyModel, log: Path, *extra: str) -> RunningGateway:
-    """Start a gateway on a free loopback port and wait until it is SERVING."""
+def launch_gateway(
+    model: TinyModel, log: Path, *extra: str, data_dir: Path | None = None
+) -> RunningGateway:
+    """Start a gateway on a free loopback port and wait until it is SERVING.
+
+    Registry mode with `data_dir`; otherwise directory mode over the tiny model's adapters.
+    """
     port = free_port()
+    mode = (
+        ["--data-dir", str(data_dir)]
+        if data_dir is not None
+        else ["--adapters-dir", str(model.base.parent / "adapters")]
+    )
     args = [
         "--model", str(model.base),
-        "--adapters-dir", str(model.base.parent / "adapters"),
+        *mode,
         "--max-model-len", str(MAX_MODEL_LEN),
         "--port", str(port),
         *extra,
@@ -65,9 +75,17 @@ def launch_gateway(model: TinyModel, log: Path, *extra: str) -> RunningGateway:
 def gateway(
     tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningGateway]:
-    """THE session's real gateway: unquantized float32 base, so HF + peft is an exact reference."""
-    log = tmp_path_factory.mktemp("gateway") / "gateway.log"
-    running = launch_gateway(tiny_model, log, "--dtype", "float32")
+    """THE session's real gateway: unquantized float32 base, so HF + peft is an exact reference.
+
+    Registry mode: every tiny adapter is registered as v1 of its name and is its production.
+    """
+    workdir = tmp_path_factory.mktemp("gateway")
+    log = workdir / "gateway.log"
+    running = launch_gateway(tiny_model, log, "--dtype", "float32", data_dir=workdir / "data")
+    with AdapterClient(running.target, actor="test-session") as registry:
+        for name, path in sorted(tiny_model.adapters.items()):
+            registry.register(name, str(path), owner="tests")
+            registry.set_alias(name, "production", 1, expected=0, force=True, reason="session")
     yield running
     code = running.stop()
     assert code == 0, f"gateway exited {code}; log:\n{log.read_text()[-4000:]}"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import time
 
 import grpc
 import pytest
@@ -38,6 +40,27 @@ async def test_fp8_base_serves_distinct_adapters(fp8_gateway, tiny_model):
         )  # fmt: skip
     assert [r.adapter.name for r in replies] == names
     assert len({tuple(r.token_ids) for r in replies}) == len(names)
+
+
+def test_broken_adapter_in_a_directory_fails_cleanly_and_the_engine_keeps_serving(
+    fp8_gateway, tiny_model
+):
+    """Weights that do not load: FAILED_PRECONDITION for that adapter, nobody else affected."""
+    folder = tiny_model.base.parent / "adapters" / "zz-broken"
+    shutil.copytree(tiny_model.adapters["alpha"], folder)
+    (folder / "adapter_model.safetensors").write_bytes(b"\x00not safetensors" * 64)
+    time.sleep(1.1)  # new folders are picked up by a rescan, at most once a second
+    try:
+        with fp8_gateway.client() as client:
+            with pytest.raises(grpc.RpcError) as err:
+                client.generate("Hello", "zz-broken", max_tokens=4)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "zz-broken" in err.value.details()
+            served = client.generate("Hello", "alpha", max_tokens=4, temperature=0.0)
+            assert len(served.token_ids) == 4 and served.adapter.name == "alpha"
+    finally:
+        shutil.rmtree(folder)
+    assert fp8_gateway.process.poll() is None
 
 
 async def test_sigterm_finishes_in_flight_refuses_new_and_exits_zero(fp8_gateway):

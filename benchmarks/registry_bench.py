@@ -32,7 +32,7 @@ import shutil
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -270,17 +270,49 @@ def timer_overhead_ns(samples: int = 100_000) -> float:
     return statistics.median(values)
 
 
+async def longest_stall(work: Awaitable[Any], tick_s: float = 0.001) -> float:
+    """Await `work` while a task wakes every `tick_s`; returns the longest gap between wake-ups
+    (how long the event loop, which serves every token stream, was blocked)."""
+    done = asyncio.Event()
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while not done.is_set():
+            await asyncio.sleep(tick_s)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)  # let the ticker start
+    try:
+        await work
+    finally:
+        done.set()
+        await task
+    return max(gaps, default=0.0)
+
+
 async def time_refresh(
     store: RegistryStore, artifacts: Path, repeats: int
 ) -> tuple[RegistryView, dict[str, Any]]:
     """A fresh RegistryView; forced refreshes (what every registration and promotion does),
-    `store.snapshot()` alone, and the change poll (an unforced refresh: one generation read)."""
+    the longest event-loop stall during one, `store.snapshot()` alone, the change poll (an
+    unforced refresh: one generation read), and forced refreshes again after `gc.freeze()`.
+
+    The heap of this process includes torch / transformers / peft (trainer.tiny is imported),
+    as a gateway's includes vLLM's, so garbage collections during a refresh cost what they
+    would in a gateway; `gc.freeze()` moves the objects alive now out of the collector's way.
+    """
     view = RegistryView(store, lambda sha256: artifacts / sha256)
-    forced, snapshots, polls = [], [], []
+    forced, stalls, snapshots, polls, frozen = [], [], [], [], []
     for _ in range(repeats):
         start = time.perf_counter()
         await view.refresh(force=True)
         forced.append(time.perf_counter() - start)
+    for _ in range(repeats):
+        stalls.append(await longest_stall(view.refresh(force=True)))
     for _ in range(repeats):
         start = time.perf_counter()
         await asyncio.to_thread(store.snapshot)
@@ -290,10 +322,23 @@ async def time_refresh(
         changed = await view.refresh()
         polls.append(time.perf_counter() - start)
         assert not changed, "the registry changed during the benchmark"
+    tracked = len(gc.get_objects())
+    gc.collect()
+    gc.freeze()
+    try:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            await view.refresh(force=True)
+            frozen.append(time.perf_counter() - start)
+    finally:
+        gc.unfreeze()
     return view, {
         "refresh_forced_ms": stats(forced, 1e3),
+        "refresh_loop_stall_ms": stats(stalls, 1e3),
         "snapshot_read_ms": stats(snapshots, 1e3),
         "poll_ms": stats(polls, 1e3),
+        "refresh_forced_gc_frozen_ms": stats(frozen, 1e3),
+        "gc_tracked_objects": tracked,
     }
 
 
@@ -409,7 +454,9 @@ RESOLUTION_ROWS = [
     ("list_page100_random_ms", "ListAdapters page 100, random page (ms)"),
     ("get_adapter_ms", "GetAdapter, 10 versions (ms)"),
     ("refresh_forced_ms", "snapshot refresh, forced (ms)"),
-    ("snapshot_read_ms", "  of which store.snapshot() (ms)"),
+    ("snapshot_read_ms", "  store.snapshot() alone (ms)"),
+    ("refresh_loop_stall_ms", "  longest event-loop stall in one (ms)"),
+    ("refresh_forced_gc_frozen_ms", "  forced, after gc.freeze() (ms)"),
     ("poll_ms", "change poll, unforced refresh (ms)"),
     ("list_all_ms", "list every adapter, pages of 100 (ms)"),
 ]
@@ -454,6 +501,10 @@ def build_resolution_report(
             "list_page100_random": "the small registry has only 10 adapters: it returns 10 per "
             "page where the large one returns 100",
             "list_all": "walks every page: grows with the number of adapters by design",
+            "refresh": "RegistryView.refresh(force=True) on a view of its own in this process "
+            "(heap includes torch/transformers/peft, GC on); loop stall: the longest gap "
+            "between 1 ms ticks of a task on the same loop during one forced refresh; "
+            "gc_frozen: the same refresh after gc.collect(); gc.freeze()",
         },
         "timer_overhead_ns": overhead_ns,
         "sizes": sizes,
@@ -485,7 +536,8 @@ def print_resolution(report: dict[str, Any], console: Console) -> None:
     console.print(
         f"per-call resolve times include perf_counter_ns itself (median "
         f"{report['timer_overhead_ns']:.0f} ns); references in the lookup table: "
-        f"{small['references']} vs {large['references']}; registration of all versions took "
+        f"{small['references']} vs {large['references']}; objects tracked by the GC during the "
+        f"refreshes: {large['gc_tracked_objects']}; registration of all versions took "
         f"{small['populate_s']}s vs {large['populate_s']}s"
     )
 

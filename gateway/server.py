@@ -9,6 +9,7 @@ If the engine dies, health goes NOT_SERVING and the process exits 1 so a supervi
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from pathlib import Path
@@ -142,6 +143,9 @@ class Gateway:
             resolver = self.registry.view
             log.info("registry: %s", self.config.registry_database.split("@")[-1])
         engine = await self._start_engine(resolver)
+        # Everything allocated so far lives as long as the process: keep it out of every
+        # future GC pass (a full pass over torch/vLLM objects stalled the loop; benchmarks/).
+        gc.freeze()
         tasks = []
         if not self._stop.is_set():
             self.pipeline = GenerationPipeline(engine, resolver)

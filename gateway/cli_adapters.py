@@ -347,6 +347,9 @@ def rollback(
     name: Name,
     alias: Alias = "production",
     reason: Reason = "",
+    force: Annotated[
+        bool, typer.Option("--force", help="Needed when that version has no passing evaluation.")
+    ] = False,
     target: Target = DEFAULT_TARGET,
     actor: Actor = None,
     as_json: AsJson = False,
@@ -361,7 +364,7 @@ def rollback(
             _fail(f"{name}@{alias} held no version before its latest move; nothing to roll back", 1)
         current, previous = latest[0].to_version, latest[0].from_version
         move = client.set_alias(
-            name, alias, previous, current, reason or f"rollback from v{current}"
+            name, alias, previous, current, reason or f"rollback from v{current}", force
         )
     if as_json:
         _print_json(move)

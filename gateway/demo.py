@@ -66,7 +66,8 @@ def _promote_and_roll_back(target: str, model: object, console: Console) -> bool
         registry.record_evaluation("assistant", 2, "demo-gate", True, {"score": 1.0})
         registry.set_alias("assistant", "production", 2, expected=1, reason="passed demo-gate")
         ask("v2 promoted")
-        registry.set_alias("assistant", "production", 1, expected=2, reason="rollback")
+        # v1 never passed an evaluation: rolling back to it is forced, with the reason kept
+        registry.set_alias("assistant", "production", 1, expected=2, reason="rollback", force=True)
         ask("rolled back")
     table = Table(title=f"'assistant' in production, prompt {prompt!r}")
     for column in ("step", "served version", "output"):

@@ -153,9 +153,8 @@ class Gateway:
             log.info("engine ready: %s, %d adapters", engine.info.engine, len(resolver.servable()))
             tasks.append(asyncio.create_task(self._watchdog(engine)))
             if self.registry is not None:
-                follow = self.registry.view.follow(
-                    engine.add_adapter, self.config.registry_poll_interval_s, self._stop
-                )
+                self.registry.view.prewarm = engine.add_adapter
+                follow = self.registry.view.follow(self.config.registry_poll_interval_s, self._stop)
                 tasks.append(asyncio.create_task(follow))
         await self._stop.wait()
         await self._set_health(False)

@@ -124,9 +124,11 @@ class ArtifactStore:
         """Delete an object (the caller knows no version references it)."""
         target = self.path(sha256)
         if target.is_dir():
-            for path in target.iterdir():
+            doomed = self.tmp / f"removing-{uuid.uuid4().hex}"
+            target.rename(doomed)  # atomic: never a half-removed object under objects/
+            for path in doomed.iterdir():
                 path.chmod(0o644)
-            shutil.rmtree(target)
+            shutil.rmtree(doomed)
 
     def sweep(self, referenced: set[str]) -> list[str]:
         """Remove crash leftovers: every tmp/ copy and every object nothing references.

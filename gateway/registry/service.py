@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import logging
 import shutil
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -32,10 +33,23 @@ from gateway.registry.store import (
     check_alias_move,
     check_registration,
 )
-from gateway.registry.validate import BaseModelFacts, extract_upload, inspect_adapter
+from gateway.registry.validate import (
+    AdapterFacts,
+    BaseModelFacts,
+    extract_upload,
+    inspect_adapter,
+)
 from gateway.registry.view import Prewarm, RegistryView
 
 log = logging.getLogger(__name__)
+
+UPLOAD_MAX_AGE_S = 24 * 3600  # upload work folders older than this are crash leftovers
+
+
+def _log_orphaned_failure(work: asyncio.Future) -> None:
+    """A registration whose caller went away still reports its failure (in the log)."""
+    if not work.cancelled() and work.exception() is not None:
+        log.warning("registration failed after its caller left: %s", work.exception())
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,9 @@ class Registry:
         self.max_rank = max_rank
         self.max_bytes = max_bytes
         self.view = RegistryView(store, artifacts.path)
+        # Not under artifacts/tmp: a replica starting on a shared data_dir sweeps that.
+        self.uploads = artifacts.objects.parent / "uploads"
+        self.uploads.mkdir(exist_ok=True)
 
     @classmethod
     def open(
@@ -89,6 +106,10 @@ class Registry:
             removed = self.artifacts.sweep(self.store.referenced_digests())
         if removed:
             log.info("removed %d unreferenced artifacts left by interrupted work", len(removed))
+        now = time.time()
+        for leftover in self.uploads.iterdir():
+            if now - leftover.stat().st_mtime > UPLOAD_MAX_AGE_S:
+                shutil.rmtree(leftover, ignore_errors=True)
         return removed
 
     def _remove_if_unreferenced(self, sha256: str) -> bool:
@@ -106,6 +127,23 @@ class Registry:
         facts = await asyncio.to_thread(
             inspect_adapter, folder, self.base, self.max_rank, self.max_bytes
         )
+        # From here on the registration runs to its end even if the caller goes away: a
+        # cancelled caller must not clean up files that a still-running commit references.
+        work = asyncio.ensure_future(self._store_and_record(folder, facts, request, actor, prewarm))
+        work.add_done_callback(_log_orphaned_failure)
+        record = await asyncio.shield(work)
+        await self._publish()
+        return record
+
+    async def _store_and_record(
+        self,
+        folder: Path,
+        facts: AdapterFacts,
+        request: Registration,
+        actor: str,
+        prewarm: Prewarm,
+    ) -> VersionRecord:
+        """Copy in, load, commit; on failure remove what was stored (nothing half-done)."""
         with self.artifacts.writing():
             artifact = await asyncio.to_thread(self.artifacts.put, folder)
             try:
@@ -135,8 +173,15 @@ class Registry:
             if artifact.created:
                 await asyncio.to_thread(self._remove_if_unreferenced, artifact.sha256)
             raise failure
-        await self.view.refresh(force=True)
         return record
+
+    async def _publish(self) -> None:
+        """Refresh the view after a committed change; a failure here must not turn the
+        committed change into an error for the caller (the poll retries)."""
+        try:
+            await self.view.refresh(force=True)
+        except Exception as exc:  # noqa: BLE001 - logged; the follower refreshes later
+            log.warning("registry view refresh after a change failed: %s", exc)
 
     async def upload(
         self,
@@ -147,7 +192,7 @@ class Registry:
         prewarm: Prewarm,
     ) -> VersionRecord:
         """Receive an archive (size-limited, optionally checksummed) and register it."""
-        work = self.artifacts.tmp / f"upload-{uuid.uuid4().hex}"
+        work = self.uploads / uuid.uuid4().hex
         work.mkdir()
         try:
             archive = work / "archive"
@@ -195,7 +240,7 @@ class Registry:
         move = await asyncio.to_thread(
             self.store.set_alias, name, alias, version, actor, expected, reason, force
         )
-        await self.view.refresh(force=True)
+        await self._publish()
         return move
 
     async def delete_version(
@@ -205,7 +250,7 @@ class Registry:
         sha256, shared = await asyncio.to_thread(
             self.store.delete_version, name, version, actor, reason, in_flight
         )
-        await self.view.refresh(force=True)
+        await self._publish()
         if shared:
             return False
         return await asyncio.to_thread(self._remove_if_unreferenced, sha256)
@@ -228,5 +273,5 @@ class Registry:
         record = await asyncio.to_thread(
             self.store.record_evaluation, name, version, suite, passed, report, actor
         )
-        await self.view.refresh(force=True)
+        await self._publish()
         return record

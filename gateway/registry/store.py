@@ -10,6 +10,7 @@ write transactions are `BEGIN IMMEDIATE`, so concurrent moves are serialized eit
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import re
 from collections.abc import Callable, Iterator
@@ -455,7 +456,11 @@ class RegistryStore:
             return int(session.scalar(select(StateRow.generation).where(StateRow.id == 1)) or 0)
 
     def snapshot(self) -> Snapshot:
-        with self._read() as session:
+        """One consistent read (REPEATABLE READ on PostgreSQL; a WAL read snapshot on SQLite)."""
+        conn = self.engine.connect()
+        if self.is_postgres:
+            conn = conn.execution_options(isolation_level="REPEATABLE READ")
+        with conn, Session(bind=conn) as session, session.begin():
             generation = session.scalar(select(StateRow.generation).where(StateRow.id == 1))
             versions = session.execute(
                 select(
@@ -472,6 +477,7 @@ class RegistryStore:
                 select(AdapterRow.name, AliasRow.name, VersionRow.number)
                 .join(AdapterRow, AliasRow.adapter_id == AdapterRow.id)
                 .join(VersionRow, AliasRow.version_id == VersionRow.id)
+                .where(VersionRow.deleted_at.is_(None))
             ).all()
         return Snapshot(
             int(generation or 0),
@@ -643,7 +649,9 @@ class RegistryStore:
         actor: str,
         reason: str,
         forced: bool,
+        gate: Callable[[], None] | None = None,
     ) -> AliasMove:
+        """Compare-and-swap, then `gate` (the production rule), then the move and its records."""
         current = session.scalar(
             select(AliasRow)
             .where(AliasRow.adapter_id == adapter.id, AliasRow.name == alias)
@@ -661,6 +669,8 @@ class RegistryStore:
                 f"{adapter.name}@{alias} {now_holds}, not {wanted} as expected; "
                 "re-read it and retry"
             )
+        if gate is not None:
+            gate()
         now = _now()
         if current is None:
             session.add(
@@ -695,8 +705,7 @@ class RegistryStore:
         return self._move_record(move, adapter.name)
 
     def _production_gate(self, session: Session, adapter: AdapterRow, target: VersionRow) -> None:
-        """Production needs the version's latest evaluation to pass; a version production held
-        before may go back (a rollback) unless an evaluation has failed it since."""
+        """Production needs the version's latest evaluation to pass (a rollback too)."""
         latest = session.scalar(
             select(EvaluationRow)
             .where(EvaluationRow.version_id == target.id)
@@ -705,15 +714,6 @@ class RegistryStore:
         )
         if latest is not None and latest.passed:
             return
-        served_before = latest is None and session.scalar(
-            select(func.count(AliasMoveRow.id)).where(
-                AliasMoveRow.adapter_id == adapter.id,
-                AliasMoveRow.alias == PRODUCTION,
-                AliasMoveRow.to_version == target.number,
-            )
-        )
-        if served_before:
-            return  # a rollback to a version production already held
         why = "its latest evaluation failed" if latest else "it has no evaluation"
         raise PreconditionFailed(
             f"{adapter.name}@v{target.number} cannot go to production: {why}; record a passing "
@@ -734,11 +734,14 @@ class RegistryStore:
         check_alias_move(alias, force, reason)
 
         def work(session: Session) -> AliasMove:
-            adapter = self._adapter(session, name)
+            adapter = self._adapter(session, name, lock=True)  # serializes with delete
             target = self._version(session, adapter, version)
+            gate = None
             if alias == PRODUCTION and not force:
-                self._production_gate(session, adapter, target)
-            return self._move_alias(session, adapter, target, alias, expected, actor, reason, force)
+                gate = functools.partial(self._production_gate, session, adapter, target)
+            return self._move_alias(
+                session, adapter, target, alias, expected, actor, reason, force, gate
+            )
 
         return self._write(work)
 
@@ -748,7 +751,7 @@ class RegistryStore:
         """Mark a version deleted; returns its sha256 and whether a live version still uses it."""
 
         def work(session: Session) -> tuple[str, bool]:
-            adapter = self._adapter(session, name)
+            adapter = self._adapter(session, name, lock=True)  # serializes with set_alias
             row = self._version(session, adapter, version)
             aliases = session.scalars(
                 select(AliasRow.name).where(AliasRow.version_id == row.id)
@@ -780,7 +783,7 @@ class RegistryStore:
             raise InvalidRequest("suite", "name the evaluation suite")
 
         def work(session: Session) -> EvaluationRecord:
-            adapter = self._adapter(session, name)
+            adapter = self._adapter(session, name, lock=True)
             target = self._version(session, adapter, version)
             row = EvaluationRow(
                 version_id=target.id,

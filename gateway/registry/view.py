@@ -42,6 +42,7 @@ class RegistryView:
         self._aliased: dict[int, ResolvedAdapter] = {}  # engine id -> a version an alias holds
         self.generation = -1
         self._refresh_lock = asyncio.Lock()
+        self.prewarm: Prewarm | None = None  # set once the engine is up
 
     def engine_id(self, sha256: str) -> int:
         """A stable engine LoRA id for an artifact (ids start at 1; vLLM reserves 0)."""
@@ -90,15 +91,22 @@ class RegistryView:
         refs = {f"{name}@v{number}": adapter for (name, number), adapter in versions.items()}
         aliased = {}
         for name, alias, number in snapshot.aliases:
-            adapter = versions[(name, number)]
+            adapter = versions.get((name, number))
+            if adapter is None:  # cannot happen with the store's locking; never stop serving
+                log.error("alias %s@%s points to missing version v%d", name, alias, number)
+                continue
             refs[f"{name}@{alias}"] = adapter
             aliased[adapter.engine_id] = adapter
             if alias == PRODUCTION:
                 refs[name] = adapter
         return refs, versions, aliased
 
-    async def refresh(self, prewarm: Prewarm | None = None, force: bool = False) -> bool:
-        """Publish a new snapshot if the registry changed; returns whether it did."""
+    async def refresh(self, force: bool = False) -> bool:
+        """Publish a new snapshot if the registry changed; returns whether it did.
+
+        Versions that aliases newly point to are pre-warmed first (when the engine is up).
+        """
+        prewarm = self.prewarm
         async with self._refresh_lock:
             if not force and await asyncio.to_thread(self.store.generation) == self.generation:
                 return False
@@ -120,11 +128,11 @@ class RegistryView:
         except Exception as exc:  # noqa: BLE001 - still served; it loads (or fails) on use
             log.warning("pre-warming %s@v%d failed: %s", adapter.name, adapter.version, exc)
 
-    async def follow(self, prewarm: Prewarm | None, interval_s: float, stop: asyncio.Event) -> None:
+    async def follow(self, interval_s: float, stop: asyncio.Event) -> None:
         """Poll the registry for changes made by other replicas until `stop` is set."""
         while not stop.is_set():
             try:
-                await self.refresh(prewarm)
+                await self.refresh()
             except Exception as exc:  # noqa: BLE001 - a database hiccup must not stop serving
                 log.warning("registry refresh failed (serving the last snapshot): %s", exc)
             with contextlib.suppress(TimeoutError):

@@ -53,7 +53,7 @@ async def test_promote_then_rollback_switches_the_served_version(gateway, regist
         registry.record_evaluation("acme", 2, "e2e-gate", True, {"score": 1.0})
         registry.set_alias("acme", "production", 2, expected=1, reason="passed the gate")
         assert await served() == (2, beta)  # the very next request
-        registry.set_alias("acme", "production", 1, expected=2, reason="rollback")
+        registry.set_alias("acme", "production", 1, expected=2, reason="rollback", force=True)
         assert await served() == (1, alpha)
         by_number = await client.generate(PROMPT, "acme@v2", max_tokens=STEPS, **GREEDY)
         assert (by_number.adapter.version, list(by_number.token_ids)) == (2, beta)

@@ -100,13 +100,15 @@ async def test_register_promote_rollback_delete(server, tiny_model):
     err = await refused(server, 4, "promote", "acme", "1", "--expect", "1")
     assert "holds v2, not v1 as expected" in err
 
-    out = await ok(server, "rollback", "acme")
+    err = await refused(server, 4, "rollback", "acme")  # v1 never passed an evaluation
+    assert "acme@v1 cannot go to production" in err
+    out = await ok(server, "rollback", "acme", "--force")
     assert out.startswith("acme@production: v2 -> v1")
     assert (await as_json(server, "show", "acme"))["aliases"]["production"] == 1
 
     moves = await as_json(server, "history", "acme", "--alias", "production")
     assert [(m["from_version"], m["to_version"]) for m in moves] == [(2, 1), (1, 2), (0, 1)]
-    assert [m["forced"] for m in moves] == [False, False, True]
+    assert [m["forced"] for m in moves] == [True, False, True]
     assert moves[2]["actor"] == "alice@ci" and moves[0]["actor"] == default_actor()
     assert moves[0]["reason"] == "rollback from v2"
     table = await ok(server, "history", "acme")

@@ -273,7 +273,8 @@ async def test_a_replica_sees_a_promotion_within_two_seconds(tiny_model, tmp_pat
     a = await start_registry_server(tiny_model.base, tmp_path / "shared", url)
     b = await start_registry_server(tiny_model.base, tmp_path / "shared", url)
     stop = asyncio.Event()
-    follower = asyncio.create_task(b.registry.view.follow(b.engine.add_adapter, 0.5, stop))
+    b.registry.view.prewarm = b.engine.add_adapter
+    follower = asyncio.create_task(b.registry.view.follow(0.5, stop))
     stub = adapters_pb2_grpc.AdapterServiceStub(grpc.aio.insecure_channel(a.target))
     await register(stub, copy_adapter(tiny_model, tmp_path, "alpha"))
     await register(stub, copy_adapter(tiny_model, tmp_path, "beta"))
@@ -317,3 +318,36 @@ async def test_directory_mode_gateway_refuses_registry_calls(tmp_path):
         "directory of adapters",
     )
     await server.stop(0)
+
+
+async def test_a_caller_cancelled_mid_commit_leaves_a_complete_version(
+    served, tiny_model, tmp_path, monkeypatch
+):
+    """The commit outlives its caller: no version without files, no files without a version."""
+    from gateway.registry.service import Registration
+
+    server, _ = served
+    store = server.registry.store
+    original = store.add_version
+
+    def slow_add_version(*args, **kwargs):
+        time.sleep(0.5)  # a commit waiting on a lock, say
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(store, "add_version", slow_add_version)
+    call = asyncio.create_task(
+        server.registry.register(
+            copy_adapter(tiny_model, tmp_path), Registration("acme"), "t", server.engine.add_adapter
+        )
+    )
+    await asyncio.sleep(0.2)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    for _ in range(50):
+        if store.snapshot().versions:
+            break
+        await asyncio.sleep(0.05)
+    [(name, number, sha, *_)] = store.snapshot().versions
+    assert (name, number) == ("acme", 1)
+    assert server.registry.artifacts.path(sha).is_dir()

@@ -82,11 +82,13 @@ def test_production_needs_a_passing_evaluation_unless_forced(store):
         store.set_alias("acme", "production", 2, "alice")
     store.record_evaluation("acme", 2, "gate", True, {"score": 0.9}, "ci")
     store.set_alias("acme", "production", 2, "ci", expected=1, reason="won the gate")
-    # rolling back to a version production already held needs no new evaluation...
-    back = store.set_alias("acme", "production", 1, "alice", expected=2, reason="rollback")
-    assert (back.from_version, back.to_version, back.forced) == (2, 1, False)
+    # a rollback is a move like any other: v1 has no passing evaluation, so it needs force
+    with pytest.raises(PreconditionFailed, match="no evaluation"):
+        store.set_alias("acme", "production", 1, "alice", expected=2, reason="rollback")
+    back = store.set_alias("acme", "production", 1, "alice", expected=2, reason="rb", force=True)
+    assert (back.from_version, back.to_version, back.forced) == (2, 1, True)
     assert store.get_adapter("acme").aliases == {"production": 1}
-    # ...unless an evaluation has failed it since
+    # a version whose latest evaluation failed cannot return without force
     store.record_evaluation("acme", 2, "regression", False, {}, "ci")
     with pytest.raises(PreconditionFailed, match="latest evaluation failed"):
         store.set_alias("acme", "production", 2, "alice", expected=1)

@@ -55,6 +55,10 @@ Actor = Annotated[
 Name = Annotated[str, typer.Argument(help="Adapter name.")]
 Alias = Annotated[str, typer.Option(help="Alias to move.")]
 Reason = Annotated[str, typer.Option(help="Why (kept in the history and audit log).")]
+Description = Annotated[str, typer.Option(help="What the adapter is for.")]
+Owner = Annotated[str, typer.Option(help="Team or person responsible.")]
+NewAlias = Annotated[str, typer.Option("--alias", help="Alias to point at it, e.g. candidate.")]
+Metadata = Annotated[str | None, typer.Option(help="JSON object, or @file.")]
 DEFAULT_TARGET = "localhost:50051"
 
 
@@ -207,10 +211,10 @@ def _print_registered(version: pb.AdapterVersion) -> None:
 def register(
     name: Name,
     path: Annotated[str, typer.Argument(help="Adapter folder on the gateway host.")],
-    description: Annotated[str, typer.Option(help="What the adapter is for.")] = "",
-    owner: Annotated[str, typer.Option(help="Team or person responsible.")] = "",
-    alias: Annotated[str, typer.Option(help="Alias to point at it, e.g. candidate.")] = "",
-    metadata: Annotated[str | None, typer.Option(help="JSON object, or @file.")] = None,
+    description: Description = "",
+    owner: Owner = "",
+    alias: NewAlias = "",
+    metadata: Metadata = None,
     source: Annotated[str, typer.Option(help="Where it comes from (default: the path).")] = "",
     target: Target = DEFAULT_TARGET,
     actor: Actor = None,
@@ -236,10 +240,10 @@ def register(
 def upload(
     name: Name,
     path: Annotated[Path, typer.Argument(help="Local adapter folder or .tar(.gz)/.zip archive.")],
-    description: Annotated[str, typer.Option(help="What the adapter is for.")] = "",
-    owner: Annotated[str, typer.Option(help="Team or person responsible.")] = "",
-    alias: Annotated[str, typer.Option(help="Alias to point at it, e.g. candidate.")] = "",
-    metadata: Annotated[str | None, typer.Option(help="JSON object, or @file.")] = None,
+    description: Description = "",
+    owner: Owner = "",
+    alias: NewAlias = "",
+    metadata: Metadata = None,
     source: Annotated[str, typer.Option(help="Where it comes from (default: upload).")] = "",
     target: Target = DEFAULT_TARGET,
     actor: Actor = None,

@@ -10,6 +10,7 @@ what it stored, so a refused adapter leaves no row and no files.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import shutil
@@ -213,7 +214,7 @@ class Registry:
                 )
             folder = work / "adapter"
             await asyncio.to_thread(extract_upload, archive, folder, self.max_bytes)
-            named = Registration(**{**request.__dict__, "source": request.source or "upload"})
+            named = dataclasses.replace(request, source=request.source or "upload")
             return await self.register(folder, named, actor, prewarm)
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -75,9 +75,6 @@ class RegistryView:
             raise AdapterNotFound(f"{name}@v{number}")
         return adapter
 
-    def engine_ids(self) -> dict[tuple[str, int], int]:
-        return {key: adapter.engine_id for key, adapter in self._versions.items()}
-
     # -- refreshing
 
     def _build(self, snapshot: Snapshot) -> tuple[dict, dict, dict]:

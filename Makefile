@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-PG_STAMP := $(VENV)/.postgres
+SYS_STAMP := $(VENV)/.system-packages
 PG_LIB ?= /usr/lib/postgresql
 BUF := npx --yes @bufbuild/buf@1.75.0
 
@@ -21,25 +21,30 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
 
-# The tests start throwaway PostgreSQL servers (tests/postgres.py), which need Debian's server
-# binaries ($(PG_LIB)/<version>/bin); install them if missing (root, or sudo when not root).
-$(PG_STAMP): $(STAMP)
-	@if ! ls $(PG_LIB)/*/bin/initdb >/dev/null 2>&1; then \
+# The tests start throwaway PostgreSQL servers (tests/postgres.py, Debian's server binaries in
+# $(PG_LIB)/<version>/bin) and a real Prometheus (tests/prometheus.py; promtool checks the rules).
+# Install the Debian packages if missing (root, or sudo when not root).
+$(SYS_STAMP): $(STAMP)
+	@missing=; \
+	ls $(PG_LIB)/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	{ command -v prometheus && command -v promtool; } >/dev/null || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" -eq 0 ]; then sudo=; \
 		elif command -v sudo >/dev/null; then sudo=sudo; \
-		else echo "PostgreSQL server missing: run as root, or install sudo" >&2; exit 1; fi; \
+		else echo "missing Debian packages:$$missing; run as root, or install sudo" >&2; exit 1; fi; \
 		set -x; \
 		$$sudo apt-get update && \
-		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql; \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
 	fi
 	@ls $(PG_LIB)/*/bin/initdb >/dev/null 2>&1 || \
 		{ echo "no $(PG_LIB)/*/bin/initdb after installing postgresql" >&2; exit 1; }
+	@command -v promtool >/dev/null || { echo "no promtool after installing prometheus" >&2; exit 1; }
 	touch $@
 
 demo: $(STAMP)
 	$(VENV)/bin/loraplex demo
 
-test: $(PG_STAMP)
+test: $(SYS_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest

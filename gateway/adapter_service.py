@@ -5,13 +5,15 @@ The work happens in `gateway.registry.service.Registry`; errors are mapped by `g
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import grpc
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from gateway.errors import EngineUnavailable, InvalidRequest, NotSupported, grpc_errors
+from gateway.metrics import GatewayMetrics
 from gateway.pipeline import GenerationPipeline
 from gateway.registry.service import Registration, Registry
 from gateway.registry.store import (
@@ -124,9 +126,22 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
         self,
         registry: Callable[[], Registry | None],
         pipeline: Callable[[], GenerationPipeline | None],
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self._registry = registry
         self._pipeline = pipeline
+        self._metrics = metrics
+
+    @contextlib.contextmanager
+    def _counted_registration(self, name: str) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            if self._metrics is not None:
+                self._metrics.registration(name, ok=False)
+            raise
+        if self._metrics is not None:
+            self._metrics.registration(name, ok=True)
 
     def _reg(self) -> Registry:
         registry = self._registry()
@@ -177,19 +192,20 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
         if not request.path:
             raise InvalidRequest("path", "give the adapter folder on the gateway host")
         engine = self._serving().engine
-        record = await registry.register(
-            Path(request.path),
-            Registration(
-                name=request.name,
-                description=request.description,
-                owner=request.owner,
-                metadata=_dict(request.metadata),
-                source=request.source,
-                alias=request.alias,
-            ),
-            actor_of(context),
-            engine.add_adapter,
-        )
+        with self._counted_registration(request.name):
+            record = await registry.register(
+                Path(request.path),
+                Registration(
+                    name=request.name,
+                    description=request.description,
+                    owner=request.owner,
+                    metadata=_dict(request.metadata),
+                    source=request.source,
+                    alias=request.alias,
+                ),
+                actor_of(context),
+                engine.add_adapter,
+            )
         return pb.RegisterAdapterResponse(version=version_to_pb(record))
 
     @grpc_errors
@@ -212,20 +228,21 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
                     raise InvalidRequest("header", "only the first message may carry a header")
                 yield message.chunk
 
-        record = await registry.upload(
-            Registration(
-                name=header.name,
-                description=header.description,
-                owner=header.owner,
-                metadata=_dict(header.metadata),
-                source=header.source,
-                alias=header.alias,
-            ),
-            chunks(),
-            header.archive_sha256,
-            actor_of(context),
-            engine.add_adapter,
-        )
+        with self._counted_registration(header.name):
+            record = await registry.upload(
+                Registration(
+                    name=header.name,
+                    description=header.description,
+                    owner=header.owner,
+                    metadata=_dict(header.metadata),
+                    source=header.source,
+                    alias=header.alias,
+                ),
+                chunks(),
+                header.archive_sha256,
+                actor_of(context),
+                engine.add_adapter,
+            )
         return pb.UploadAdapterResponse(version=version_to_pb(record))
 
     @grpc_errors
@@ -274,6 +291,8 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
             reason=request.reason,
             force=request.force,
         )
+        if self._metrics is not None:
+            self._metrics.alias_moved(move.adapter, move.alias, move.from_version, move.to_version)
         return pb.SetAliasResponse(move=move_to_pb(move))
 
     @grpc_errors
@@ -314,6 +333,8 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
             _dict(request.report),
             actor_of(context),
         )
+        if self._metrics is not None:
+            self._metrics.verdict(request.adapter, record.passed)
         return pb.RecordEvaluationResponse(evaluation=evaluation_to_pb(record))
 
     @grpc_errors

@@ -48,6 +48,7 @@ def serve(
     dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16, float16.")] = None,
     host: Annotated[str | None, typer.Option(help="Listen address.")] = None,
     port: Annotated[int | None, typer.Option(help="gRPC port.")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus /metrics port.")] = None,
     max_loras: Annotated[int | None, typer.Option(help="Adapters per batch.")] = None,
     max_cpu_loras: Annotated[int | None, typer.Option(help="Adapters cached on CPU.")] = None,
     max_lora_rank: Annotated[int | None, typer.Option(help="Largest LoRA rank.")] = None,

@@ -79,6 +79,13 @@ class GatewayConfig(BaseModel):
     """gRPC port (0 picks a free one and logs it)."""
     grace_period_s: float = Field(default=20.0, ge=0)
     """On SIGTERM: seconds in-flight requests get to finish before they are cancelled."""
+    metrics_port: int | None = Field(default=9400, ge=0, le=65535)
+    """Port of the Prometheus /metrics endpoint (on `host`; 0 picks a free one and logs it);
+    null disables metrics, including vLLM's own statistics."""
+    metrics_max_adapters: int = Field(default=100, ge=1)
+    """Most adapter names that get their own metric series; the rest are counted as `other`."""
+    metrics_poll_interval_s: float = Field(default=5.0, gt=0, le=300)
+    """How often adapter cache and residency figures are collected from the engine."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the gateway."""
 

@@ -118,6 +118,14 @@ class Usage:
     cached_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class Timing:
+    """When the engine produced tokens (on the final chunk; for metrics)."""
+
+    first_token_at: float | None  # wall clock (time.time()), None if no token was produced
+    mean_inter_token_s: float | None  # decode time / (tokens - 1); None below two tokens
+
+
 @dataclass
 class GenerationChunk:
     """Output of the engine: a delta when streaming, the whole completion otherwise."""
@@ -128,6 +136,22 @@ class GenerationChunk:
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    timing: Timing | None = None
+
+
+@dataclass
+class AdapterStats:
+    """What the engine's LoRA manager did since the last call, and where adapters live now.
+
+    Engine ids throughout; tiers are `slot` (batch slot), `cpu` (CPU memory), `disk`.
+    """
+
+    active: set[int] = field(default_factory=set)  # in batch slots
+    cached: set[int] = field(default_factory=set)  # in CPU memory only
+    loads: list[tuple[int, float]] = field(default_factory=list)  # (id, seconds) from disk
+    load_failures: list[int] = field(default_factory=list)
+    evictions: dict[tuple[int, str], int] = field(default_factory=dict)  # (id, tier) -> n
+    lookups: dict[tuple[int, str], int] = field(default_factory=dict)  # (id, found in) -> n
 
 
 @dataclass(frozen=True)
@@ -171,6 +195,10 @@ class Engine(Protocol):
 
     async def adapter_residency(self) -> tuple[set[int], set[int]]:
         """Engine ids of adapters (in batch slots, cached in CPU memory only)."""
+        ...
+
+    async def adapter_stats(self) -> AdapterStats:
+        """Adapter cache activity since the last call, and current residency (metrics)."""
         ...
 
     def unfinished_requests(self) -> int:

@@ -9,15 +9,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from gateway.config import GatewayConfig
 from gateway.domain import (
+    AdapterStats,
     EngineInfo,
     EngineRequest,
     FinishReason,
     GenerationChunk,
     ResolvedAdapter,
+    Timing,
     TokenLogprob,
     TopLogprob,
     Usage,
@@ -68,9 +70,55 @@ def _engine_args(config: GatewayConfig, enable_lora: bool):
         enforce_eager=config.enforce_eager,
         distributed_executor_backend=config.executor_backend,
         seed=config.seed,
-        disable_log_stats=False,
+        # vLLM's statistics feed its Prometheus metrics and ours (per-adapter queue, timings).
+        disable_log_stats=config.metrics_port is None,
         worker_extension_cls="gateway.engine_worker.LoraResidencyExtension",
     )
+
+
+QueueSink = Callable[[dict[int, int], int], None]
+"""Receives (waiting requests per adapter engine id, waiting requests on the base model)."""
+
+LORA_NAME_PREFIX = "loraplex-"
+
+
+def _queue_logger_factory(sink: QueueSink):
+    """A vLLM stat logger that reports the scheduler's waiting requests per adapter.
+
+    vLLM tracks them per LoRA name (its own metric packs the names into one label string);
+    our LoRA names carry the engine id, which the gateway maps to adapter names.
+    """
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class QueueStatLogger(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0) -> None:  # noqa: ANN001
+            self._last: tuple | None = None
+
+        def record(
+            self,
+            scheduler_stats,  # noqa: ANN001
+            iteration_stats,  # noqa: ANN001
+            mm_cache_stats=None,  # noqa: ANN001
+            engine_idx: int = 0,
+        ):
+            if scheduler_stats is None:
+                return
+            by_name = scheduler_stats.waiting_lora_adapters
+            key = (scheduler_stats.num_waiting_reqs, tuple(by_name.items()))
+            if key == self._last:  # most steps change nothing
+                return
+            self._last = key
+            waiting = {
+                int(name.removeprefix(LORA_NAME_PREFIX)): n
+                for name, n in by_name.items()
+                if name.startswith(LORA_NAME_PREFIX)
+            }
+            sink(waiting, max(0, scheduler_stats.num_waiting_reqs - sum(by_name.values())))
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return QueueStatLogger
 
 
 def lora_request_for(adapter: ResolvedAdapter):  # noqa: ANN201 - vLLM type, imported lazily
@@ -83,7 +131,9 @@ def lora_request_for(adapter: ResolvedAdapter):  # noqa: ANN201 - vLLM type, imp
     """
     from vllm.lora.request import LoRARequest
 
-    return LoRARequest(f"loraplex-{adapter.engine_id}", adapter.engine_id, str(adapter.path))
+    return LoRARequest(
+        f"{LORA_NAME_PREFIX}{adapter.engine_id}", adapter.engine_id, str(adapter.path)
+    )
 
 
 def _top(entries: dict, limit: int) -> tuple[TopLogprob, ...]:
@@ -133,6 +183,16 @@ def _finish_reason(
     return _FINISH.get(reason, FinishReason.ERROR)
 
 
+def _timing(stats) -> Timing:  # noqa: ANN001 - vllm.v1.metrics.stats.RequestStateStats
+    """First-token wall time and mean inter-token latency from vLLM's request statistics."""
+    if not stats.num_generation_tokens or not stats.first_token_latency:
+        return Timing(None, None)
+    first = stats.arrival_time + stats.first_token_latency
+    decode = stats.last_token_ts - stats.first_token_ts
+    n = stats.num_generation_tokens
+    return Timing(first, decode / (n - 1) if n > 1 else None)
+
+
 class VllmEngine:
     """`Engine` on vLLM's AsyncLLM: one base model, a LoRARequest per request."""
 
@@ -165,12 +225,15 @@ class VllmEngine:
         )
 
     @classmethod
-    def start(cls, config: GatewayConfig, enable_lora: bool) -> VllmEngine:
+    def start(
+        cls, config: GatewayConfig, enable_lora: bool, queue_sink: QueueSink | None = None
+    ) -> VllmEngine:
         """Start the engine core process and load the base model (tens of seconds)."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
         _prepare_platform(config)
-        llm = AsyncLLM.from_engine_args(_engine_args(config, enable_lora))
+        loggers = [_queue_logger_factory(queue_sink)] if queue_sink is not None else None
+        llm = AsyncLLM.from_engine_args(_engine_args(config, enable_lora), stat_loggers=loggers)
         return cls(llm, config, enable_lora)
 
     def _lora_request(self, adapter: ResolvedAdapter | None):
@@ -280,6 +343,8 @@ class VllmEngine:
             chunk.finish_reason = _finish_reason(
                 completion.finish_reason, completion.stop_reason, request.stopping.stop_token_ids
             )
+            if output.metrics is not None:  # vLLM's statistics are on (metrics enabled)
+                chunk.timing = _timing(output.metrics)
         return chunk
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -302,6 +367,21 @@ class VllmEngine:
         active = {i for slots, _ in results for i in slots}
         cached = {i for _, registered in results for i in registered}
         return active, cached - active
+
+    async def adapter_stats(self) -> AdapterStats:
+        stats = AdapterStats()
+        if not self._lora_enabled:
+            return stats
+        for worker in await self._llm.collective_rpc("loraplex_adapter_stats"):
+            stats.active.update(worker["active"])
+            stats.cached.update(worker["cached"])
+            stats.loads.extend(worker["loads"])
+            stats.load_failures.extend(worker["load_failures"])
+            for field, counts in (("evictions", stats.evictions), ("lookups", stats.lookups)):
+                for engine_id, tier, n in worker[field]:
+                    counts[(engine_id, tier)] = counts.get((engine_id, tier), 0) + n
+        stats.cached -= stats.active
+        return stats
 
     def unfinished_requests(self) -> int:
         return self._llm.get_num_unfinished_requests()

@@ -7,6 +7,7 @@ traceback and answered INTERNAL. A bad request is never INTERNAL.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Callable
@@ -78,6 +79,15 @@ class Overloaded(LoraplexError):
     """Admission refused the request; retry later."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def code_of(exc: BaseException) -> grpc.StatusCode:
+    """The status code a call ending with `exc` gets (for metrics; no logging)."""
+    if isinstance(exc, LoraplexError):
+        return exc.code
+    if isinstance(exc, asyncio.CancelledError):  # the client cancelled or its deadline passed
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.INTERNAL
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:

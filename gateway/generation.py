@@ -21,6 +21,7 @@ from gateway.domain import (
     Usage,
 )
 from gateway.errors import EngineUnavailable, grpc_errors
+from gateway.metrics import GatewayMetrics, RequestRecord
 from gateway.pipeline import GenerationPipeline
 from loraplex.v1 import generation_pb2 as pb
 from loraplex.v1 import generation_pb2_grpc as pb_grpc
@@ -134,8 +135,20 @@ def delta_to_pb(
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     """Serves loraplex.v1.GenerationService once the engine is ready."""
 
-    def __init__(self, pipeline: Callable[[], GenerationPipeline | None]) -> None:
+    def __init__(
+        self,
+        pipeline: Callable[[], GenerationPipeline | None],
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
         self._pipeline = pipeline
+        self._metrics = metrics
+
+    def _observe(
+        self, method: str, reference: str
+    ) -> contextlib.AbstractContextManager[RequestRecord | None]:
+        if self._metrics is None:
+            return contextlib.nullcontext()
+        return self._metrics.request(method, reference)
 
     def _ready(self) -> GenerationPipeline:
         pipeline = self._pipeline()
@@ -149,10 +162,15 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
-        pipeline = self._ready()
-        prepared = pipeline.prepare(request_from_pb(request))
-        with pipeline.running(prepared.adapter):
-            result = await pipeline.complete(prepared)
+        with self._observe("Generate", request.adapter) as record:
+            pipeline = self._ready()
+            prepared = pipeline.prepare(request_from_pb(request))
+            if record is not None:
+                record.admitted(prepared)
+            with pipeline.running(prepared.adapter):
+                result = await pipeline.complete(prepared)
+            if record is not None:
+                record.chunk(result)
         return response_to_pb(prepared.request_id, result, prepared.adapter)
 
     @grpc_errors
@@ -160,16 +178,21 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self, request: pb.GenerateStreamRequest, context: grpc.aio.ServicerContext
     ) -> None:
         # context.write from a coroutine: measured +12% throughput over an async generator.
-        pipeline = self._ready()
-        prepared = pipeline.prepare(request_from_pb(request))
-        first = True
-        with pipeline.running(prepared.adapter):
-            async with contextlib.aclosing(pipeline.stream(prepared)) as chunks:  # cancel: abort
-                async for chunk in chunks:
-                    await context.write(
-                        delta_to_pb(prepared.request_id, chunk, prepared.adapter, first)
-                    )
-                    first = False
+        with self._observe("GenerateStream", request.adapter) as record:
+            pipeline = self._ready()
+            prepared = pipeline.prepare(request_from_pb(request))
+            if record is not None:
+                record.admitted(prepared)
+            first = True
+            with pipeline.running(prepared.adapter):
+                async with contextlib.aclosing(pipeline.stream(prepared)) as chunks:  # cancel
+                    async for chunk in chunks:
+                        if record is not None:
+                            record.chunk(chunk)
+                        await context.write(
+                            delta_to_pb(prepared.request_id, chunk, prepared.adapter, first)
+                        )
+                        first = False
 
     @grpc_errors
     async def Tokenize(

@@ -175,4 +175,5 @@ class GenerationPipeline:
                 result.prompt_logprobs.extend(chunk.prompt_logprobs)
                 result.finish_reason = chunk.finish_reason or result.finish_reason
                 result.usage = chunk.usage or result.usage
+                result.timing = chunk.timing or result.timing
         return result

@@ -33,6 +33,14 @@ class AdapterResolver(Protocol):
         """Adapters that can be requested now."""
         ...
 
+    def knows(self, name: str) -> bool:
+        """Whether an adapter of this name exists (servable or not)."""
+        ...
+
+    def aliases(self) -> list[tuple[str, str, int]]:
+        """(adapter name, alias, version) of every alias."""
+        ...
+
 
 @dataclass(frozen=True)
 class _Entry:
@@ -124,3 +132,9 @@ class DirectoryResolver:
 
     def servable(self) -> list[ResolvedAdapter]:
         return [e.adapter for e in self._entries.values() if e.adapter is not None]
+
+    def knows(self, name: str) -> bool:
+        return name in self._entries
+
+    def aliases(self) -> list[tuple[str, str, int]]:
+        return []  # directory mode has no versions or aliases

@@ -23,6 +23,7 @@ from gateway.adapter_service import AdapterServicer
 from gateway.config import ConfigError, GatewayConfig
 from gateway.domain import Engine
 from gateway.generation import GenerationServicer
+from gateway.metrics import REGISTRY, AdapterLabels, AliasCollector, GatewayMetrics, serve_http
 from gateway.pipeline import GenerationPipeline
 from gateway.registry.service import Registry
 from gateway.registry.validate import BaseModelFacts
@@ -61,6 +62,13 @@ class Gateway:
         self.config = config
         self.pipeline: GenerationPipeline | None = None
         self.registry: Registry | None = None
+        self.resolver: AdapterResolver | None = None
+        self.metrics: GatewayMetrics | None = None
+        if config.metrics_port is not None:
+            labels = AdapterLabels(self._knows, config.metrics_max_adapters)
+            # the default registry: vLLM registers its engine metrics there too
+            self.metrics = GatewayMetrics(labels, REGISTRY)
+            REGISTRY.register(AliasCollector(self._aliases, labels))
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
             options=[
@@ -72,10 +80,11 @@ class Gateway:
             ]
         )
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
-            GenerationServicer(lambda: self.pipeline), self.server
+            GenerationServicer(lambda: self.pipeline, self.metrics), self.server
         )
         adapters_pb2_grpc.add_AdapterServiceServicer_to_server(
-            AdapterServicer(lambda: self.registry, lambda: self.pipeline), self.server
+            AdapterServicer(lambda: self.registry, lambda: self.pipeline, self.metrics),
+            self.server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -91,7 +100,15 @@ class Gateway:
         self._stop = asyncio.Event()
         self._exit_code = 0
 
+    def _knows(self, name: str) -> bool:
+        return self.resolver is not None and self.resolver.knows(name)
+
+    def _aliases(self) -> list[tuple[str, str, int]]:
+        return self.resolver.aliases() if self.resolver is not None else []
+
     async def _set_health(self, serving: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.serving.set(serving)
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
@@ -103,7 +120,13 @@ class Gateway:
     async def _start_engine(self, resolver: AdapterResolver) -> Engine:
         from gateway.engine import VllmEngine  # the only vLLM import
 
-        engine = await asyncio.to_thread(VllmEngine.start, self.config, True)
+        metrics = self.metrics
+        sink = metrics.record_queue if metrics is not None else None
+        engine = await asyncio.to_thread(VllmEngine.start, self.config, True, sink)
+        if metrics is not None:  # the first call installs the counters: before any load
+            metrics.record_adapter_stats(await engine.adapter_stats(), [])
+            info = engine.info
+            metrics.started(info.engine, info.base_model, info.quantization)
         for adapter in resolver.servable()[: self.config.max_cpu_loras or self.config.max_loras]:
             try:
                 await engine.add_adapter(adapter)
@@ -134,6 +157,9 @@ class Gateway:
         await self._set_health(False)
         await self.server.start()
         log.info("loraplex gateway listening on %s:%d", self.config.host, self.port)
+        if self.config.metrics_port is not None:
+            port = serve_http(REGISTRY, self.config.host, self.config.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", self.config.host, port)
         resolver: AdapterResolver
         if self.config.adapters_dir is not None:
             resolver = DirectoryResolver(self.config.adapters_dir, self.config.max_lora_rank)
@@ -142,6 +168,7 @@ class Gateway:
             await self.registry.view.refresh(force=True)
             resolver = self.registry.view
             log.info("registry: %s", self.config.registry_database.split("@")[-1])
+        self.resolver = resolver
         engine = await self._start_engine(resolver)
         # Everything allocated so far lives as long as the process: keep it out of every
         # future GC pass (a full pass over torch/vLLM objects stalled the loop; benchmarks/).
@@ -152,6 +179,14 @@ class Gateway:
             await self._set_health(True)
             log.info("engine ready: %s, %d adapters", engine.info.engine, len(resolver.servable()))
             tasks.append(asyncio.create_task(self._watchdog(engine)))
+            if self.metrics is not None:
+                poll = self.metrics.poll_engine(
+                    engine.adapter_stats,
+                    resolver,
+                    self.config.metrics_poll_interval_s,
+                    self._stop,
+                )
+                tasks.append(asyncio.create_task(poll))
             if self.registry is not None:
                 self.registry.view.prewarm = engine.add_adapter
                 follow = self.registry.view.follow(self.config.registry_poll_interval_s, self._stop)

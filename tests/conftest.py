@@ -32,6 +32,7 @@ class RunningGateway:
     target: str
     process: subprocess.Popen
     log: Path
+    metrics_port: int
 
     def client(self) -> Client:
         return Client(self.target)
@@ -48,7 +49,7 @@ def launch_gateway(
 
     Registry mode with `data_dir`; otherwise directory mode over the tiny model's adapters.
     """
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     mode = (
         ["--data-dir", str(data_dir)]
         if data_dir is not None
@@ -59,10 +60,11 @@ def launch_gateway(
         *mode,
         "--max-model-len", str(MAX_MODEL_LEN),
         "--port", str(port),
+        "--metrics-port", str(metrics_port),
         *extra,
     ]  # fmt: skip
     process = start_gateway(args, log)
-    gateway = RunningGateway(f"127.0.0.1:{port}", process, log)
+    gateway = RunningGateway(f"127.0.0.1:{port}", process, log, metrics_port)
     try:
         wait_until_serving(gateway.target, timeout=300, alive=lambda: process.poll() is None)
     except (TimeoutError, RuntimeError):

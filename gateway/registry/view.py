@@ -40,6 +40,8 @@ class RegistryView:
         self._refs: dict[str, ResolvedAdapter] = {}
         self._versions: dict[tuple[str, int], ResolvedAdapter] = {}
         self._aliased: dict[int, ResolvedAdapter] = {}  # engine id -> a version an alias holds
+        self._names: frozenset[str] = frozenset()
+        self._aliases: list[tuple[str, str, int]] = []
         self.generation = -1
         self._refresh_lock = asyncio.Lock()
         self.prewarm: Prewarm | None = None  # set once the engine is up
@@ -67,6 +69,12 @@ class RegistryView:
     def servable(self) -> list[ResolvedAdapter]:
         """Every version an alias points to (what clients are expected to request)."""
         return list(self._aliased.values())
+
+    def knows(self, name: str) -> bool:
+        return name in self._names
+
+    def aliases(self) -> list[tuple[str, str, int]]:
+        return self._aliases
 
     def version(self, name: str, number: int) -> ResolvedAdapter:
         """A live version, from the current snapshot."""
@@ -115,6 +123,8 @@ class RegistryView:
                     if engine_id not in self._aliased:
                         await self._prewarm(prewarm, adapter)
             self._refs, self._versions, self._aliased = refs, versions, aliased
+            self._names = frozenset(name for name, _ in versions)
+            self._aliases = list(snapshot.aliases)
             self.generation = snapshot.generation
             return True
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from gateway.domain import (
+    AdapterStats,
     EngineInfo,
     EngineRequest,
     FinishReason,
     GenerationChunk,
     ResolvedAdapter,
+    Timing,
     Usage,
 )
 from gateway.errors import AdapterUnavailable
@@ -56,6 +59,7 @@ class FakeEngine:
                 token_ids=piece,
                 finish_reason=FinishReason.LENGTH if done else None,
                 usage=Usage(len(request.prompt_token_ids), len(tokens)) if done else None,
+                timing=Timing(time.time(), 0.001) if done else None,
             )
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -72,6 +76,10 @@ class FakeEngine:
 
     async def adapter_residency(self) -> tuple[set[int], set[int]]:
         return set(list(self.loaded)[-INFO.max_loras :]), set(list(self.loaded)[: -INFO.max_loras])
+
+    async def adapter_stats(self) -> AdapterStats:
+        active, cached = await self.adapter_residency()
+        return AdapterStats(active=active, cached=cached)
 
     def unfinished_requests(self) -> int:
         return 0

@@ -24,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import grpc
 from prometheus_client import (
@@ -35,7 +36,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import start_http_server
+from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 
 from gateway.domain import AdapterStats, EngineRequest, GenerationChunk, ResolvedAdapter
 from gateway.errors import code_of
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 PREFIX = "loraplex_"
 BASE = "base"
 OTHER = "other"
+TEXT_FORMAT = "text/plain; version=0.0.4"  # what /metrics answers in (see serve_http)
 TIERS = ("slot", "cpu", "disk")  # engine batch slot, CPU memory cache, artifact on disk
 
 # Buckets for LLM latencies: sub-10 ms (tiny models, cache hits) up to minutes (long outputs).
@@ -451,12 +453,26 @@ class AliasCollector:
         yield family
 
 
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # one log line per scrape would drown the gateway's log
+
+
 def serve_http(registry: CollectorRegistry, host: str, port: int) -> int:
     """Start the /metrics HTTP endpoint in a daemon thread; returns the bound port.
 
-    The `_created` samples prometheus_client adds to every counter are turned off (for vLLM's
+    Always answers in the Prometheus text format: under OpenMetrics negotiation
+    prometheus_client rewrites vLLM's `vllm:` names to `vllm_`, and which one a Prometheus
+    stored would depend on its version. The text format keeps the names vLLM documents.
+    The `_created` samples prometheus_client adds to counters are turned off (for vLLM's
     metrics too): Prometheus does not use them and they double the scrape size.
     """
     disable_created_metrics()
-    server, _ = start_http_server(port, addr=host, registry=registry)
+    app = make_wsgi_app(registry)
+
+    def text_format(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        return app({**environ, "HTTP_ACCEPT": TEXT_FORMAT}, start_response)
+
+    server = make_server(host, port, text_format, ThreadingWSGIServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server.server_port

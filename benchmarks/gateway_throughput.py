@@ -288,6 +288,7 @@ async def gateway_system(
     port = free_port()
     config_file = logs / "gateway.yaml"
     settings = config.model_copy(update={"port": port}).model_dump(mode="json", exclude_none=True)
+    settings["metrics_port"] = config.metrics_port  # null (metrics off) must reach the gateway
     config_file.write_text(yaml.safe_dump(settings))
     # LORAPLEX_* variables would override the file; the gateway must see exactly `config`.
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
@@ -643,6 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     config = GatewayConfig(
         model=str(model.base),
         adapters_dir=model.base.parent / "adapters",
+        metrics_port=free_port(),  # metrics on, as in production
         quantization=args.quantization,
         dtype=args.dtype,
         max_loras=args.max_loras,

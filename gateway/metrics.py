@@ -48,7 +48,6 @@ PREFIX = "loraplex_"
 BASE = "base"
 OTHER = "other"
 TEXT_FORMAT = "text/plain; version=0.0.4"  # what /metrics answers in (see serve_http)
-TIERS = ("slot", "cpu", "disk")  # engine batch slot, CPU memory cache, artifact on disk
 
 # Buckets for LLM latencies: sub-10 ms (tiny models, cache hits) up to minutes (long outputs).
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0,
@@ -331,8 +330,7 @@ class GatewayMetrics:
         counts: collections.Counter[str] = collections.Counter()
         for engine_id, n in waiting.items():
             counts[self._engine_ids.get(engine_id, (OTHER, 0))[0]] += n
-        if base_waiting:
-            counts[BASE] += base_waiting
+        counts[BASE] += base_waiting  # always present: shows the engine reports its queue
         for label in self._waiting_labels - counts.keys():
             self.waiting.labels(label).set(0)
         for label, n in counts.items():

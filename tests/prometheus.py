@@ -105,9 +105,6 @@ class PrometheusServer:
         """The loaded rules (recording and alerting), with their health."""
         return [rule for group in self._get("/api/v1/rules")["groups"] for rule in group["rules"]]
 
-    def targets_up(self) -> list[dict[str, Any]]:
-        return self._get("/api/v1/targets")["activeTargets"]
-
     def __exit__(
         self,
         exc_type: type[BaseException] | None,

@@ -107,6 +107,20 @@ def test_prometheus_sees_exactly_the_workload_per_adapter(gateway, tiny_model):
         assert prometheus.query('loraplex_serving{job="loraplex-gateway"}')
         vllm = prometheus.query("vllm:num_requests_running")
         assert vllm, "vLLM's engine metrics are exported on the same endpoint"
+        # vLLM's scheduler reports its queue through our stat logger
+        assert prometheus.query('loraplex_requests_waiting{adapter="base"}')
+
+        # adapter lifecycle, from the engine's LoRA manager (polled every few seconds): the
+        # session's adapters were loaded from disk, and this workload's batches needed them
+        def lifecycle() -> bool:
+            loads = prometheus.query('sum(loraplex_adapter_loads_total{result="ok"})')
+            lookups = prometheus.query(
+                "sum(loraplex_adapter_cache_hits_total) + sum(loraplex_adapter_cache_misses_total)"
+            )
+            resident = prometheus.query("count(loraplex_adapter_resident)")
+            return all(q and min(q.values()) > 0 for q in (loads, lookups, resident))
+
+        assert wait_for(lifecycle, True), "no adapter loads, cache lookups or residency"
 
         # the repo's rules load, evaluate without errors, and the recording rules have data
         healthy = wait_for(lambda: {r["health"] for r in prometheus.rules()}, {"ok"})

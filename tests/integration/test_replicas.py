@@ -24,7 +24,7 @@ PROPAGATION_LIMIT_S = 2.0
 @pytest.fixture(scope="module")
 def replicas(tiny_model, postgres, tmp_path_factory) -> Iterator[list[RunningGateway]]:
     workdir = tmp_path_factory.mktemp("replicas")
-    url = postgres.create_database("replicas")
+    url = postgres.create_database("shared_replicas")
     shared = ["--registry-url", url, "--dtype", "float32"]
     running: list[RunningGateway] = []
     try:

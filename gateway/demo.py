@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -79,6 +80,21 @@ def _promote_and_roll_back(target: str, model: object, console: Console) -> bool
     return (v1, v2, back) == (1, 2, 1) and first == third != second
 
 
+def _print_request_counts(metrics_port: int, console: Console) -> None:
+    """What Prometheus would scrape: the gateway's per-adapter request counters."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+    except OSError as exc:
+        console.print(f"[yellow]metrics not readable at {url}: {exc}[/]")
+        return
+    lines = [line for line in text.splitlines() if line.startswith("loraplex_requests_total{")]
+    console.print(f"per-adapter metrics at {url} (loraplex_requests_total):")
+    for line in sorted(lines):
+        console.print(f"  {line}")
+
+
 def run_demo(workdir: Path, n_adapters: int) -> int:
     """The whole demo; returns the process exit code."""
     from trainer.tiny import build_tiny_model
@@ -89,7 +105,7 @@ def run_demo(workdir: Path, n_adapters: int) -> int:
     model = build_tiny_model(workdir / "tiny", adapters=n_adapters)
     names = sorted(model.adapters)
     console.print(f"[bold]tiny model[/] {model.base} with adapters {', '.join(names)}")
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     target = f"127.0.0.1:{port}"
     log_path = workdir / "gateway.log"
     registry_dir = workdir / "registry"
@@ -108,6 +124,8 @@ def run_demo(workdir: Path, n_adapters: int) -> int:
             "512",
             "--port",
             str(port),
+            "--metrics-port",
+            str(metrics_port),
         ],
         log_path,
     )
@@ -134,6 +152,7 @@ def run_demo(workdir: Path, n_adapters: int) -> int:
         row = [results[(a, prompt)][0] for a in ["", *names]]
         table.add_row(prompt, *[repr(text) for text in row])
     console.print(table)
+    _print_request_counts(metrics_port, console)
 
     distinct = {tuple(results[(a, p)][0] for p in PROMPTS) for a in ["", *names]}
     served_ok = all(results[(a, p)][1] == (a or "base") for a in ["", *names] for p in PROMPTS)

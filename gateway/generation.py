@@ -21,7 +21,7 @@ from gateway.domain import (
     Usage,
 )
 from gateway.errors import EngineUnavailable, grpc_errors
-from gateway.metrics import GatewayMetrics, RequestRecord
+from gateway.metrics import UNRECORDED, GatewayMetrics, RequestRecord, Unrecorded
 from gateway.pipeline import GenerationPipeline
 from loraplex.v1 import generation_pb2 as pb
 from loraplex.v1 import generation_pb2_grpc as pb_grpc
@@ -145,9 +145,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     def _observe(
         self, method: str, reference: str
-    ) -> contextlib.AbstractContextManager[RequestRecord | None]:
+    ) -> contextlib.AbstractContextManager[RequestRecord | Unrecorded]:
         if self._metrics is None:
-            return contextlib.nullcontext()
+            return contextlib.nullcontext(UNRECORDED)
         return self._metrics.request(method, reference)
 
     def _ready(self) -> GenerationPipeline:
@@ -165,12 +165,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         with self._observe("Generate", request.adapter) as record:
             pipeline = self._ready()
             prepared = pipeline.prepare(request_from_pb(request))
-            if record is not None:
-                record.admitted(prepared)
+            record.admitted(prepared)
             with pipeline.running(prepared.adapter):
                 result = await pipeline.complete(prepared)
-            if record is not None:
-                record.chunk(result)
+            record.chunk(result)
         return response_to_pb(prepared.request_id, result, prepared.adapter)
 
     @grpc_errors
@@ -181,14 +179,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         with self._observe("GenerateStream", request.adapter) as record:
             pipeline = self._ready()
             prepared = pipeline.prepare(request_from_pb(request))
-            if record is not None:
-                record.admitted(prepared)
+            record.admitted(prepared)
             first = True
             with pipeline.running(prepared.adapter):
                 async with contextlib.aclosing(pipeline.stream(prepared)) as chunks:  # cancel
                     async for chunk in chunks:
-                        if record is not None:
-                            record.chunk(chunk)
+                        record.chunk(chunk)
                         await context.write(
                             delta_to_pb(prepared.request_id, chunk, prepared.adapter, first)
                         )

@@ -150,6 +150,19 @@ class RequestRecord:
         self._metrics.count(series, self.method, code, time.time() - self.started)
 
 
+class Unrecorded:
+    """Stands in for a RequestRecord when metrics are off, so callers need no checks."""
+
+    def admitted(self, request: EngineRequest) -> None:
+        pass
+
+    def chunk(self, chunk: GenerationChunk) -> None:
+        pass
+
+
+UNRECORDED = Unrecorded()
+
+
 class GatewayMetrics:
     """Every metric the gateway exports, registered in one prometheus_client registry."""
 

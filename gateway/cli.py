@@ -12,6 +12,7 @@ import typer
 from google.protobuf.json_format import MessageToDict
 
 from gateway.cli_adapters import adapters_app
+from trainer.cli import train_app
 
 app = typer.Typer(
     help="loraplex: serve many LoRA adapters on one base model over gRPC, on vLLM.",
@@ -19,6 +20,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(adapters_app, name="adapters")
+app.add_typer(train_app, name="train")
 
 Target = Annotated[str, typer.Option("--target", help="Gateway address host:port.")]
 

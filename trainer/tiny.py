@@ -20,6 +20,8 @@ from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from trainer.templates import CHAT_TEMPLATES
+
 VOCAB_SIZE = 1024
 CORPUS = Path(__file__).parent / "assets" / "tiny_corpus.txt"
 BUILD_VERSION = 2  # bump when the output format or recipe changes, to invalidate stamps
@@ -35,15 +37,8 @@ ADAPTER_SHAPES: list[tuple[int, list[str]]] = [
     # An lm_head LoRA changes the logits layer itself (vLLM's LogitsProcessorWithLoRA path).
     (8, ["q_proj", "v_proj", "lm_head"]),
 ]
-# Plain-text turns keep the template usable with only the four special tokens;
-# {% generation %} lets transformers return an assistant-token mask for training.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] == 'assistant' %}"
-    "Assistant:{% generation %} {{ m['content'] }}{{ eos_token }}{% endgeneration %}{{ '\\n' }}"
-    "{% else %}{{ m['role'] | capitalize }}: {{ m['content'] }}{{ '\\n' }}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
-)
+# Plain-text turns keep the template usable with only the four special tokens.
+CHAT_TEMPLATE = CHAT_TEMPLATES["plain"]
 
 
 @dataclass(frozen=True)

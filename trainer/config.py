@@ -1,0 +1,333 @@
+"""Typed training configuration: one YAML file per run, validated before any model is loaded.
+
+Field names follow trl / peft / transformers where one exists (learning_rate, lora_alpha,
+bnb_4bit_quant_type, beta, ...), so a trl user can read a loraplex config at a glance. Each
+method has its own top-level model (`SftRunConfig`, `DpoRunConfig`, `RewardRunConfig`), so a
+key that belongs to another method is an unknown key, not a silently ignored one.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Method = Literal["sft", "dpo", "reward"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message lists every problem."""
+
+
+class _Section(BaseModel):
+    """Unknown keys are errors (a typo must not silently fall back to a default)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSettings(_Section):
+    """The base model the adapter is trained on."""
+
+    path: Path
+    """Local Hugging Face model folder (config.json, weights, tokenizer); nothing is downloaded."""
+    dtype: DType = "float32"
+    """Dtype of the (unquantized) base weights while training."""
+    chat_template: str | None = None
+    """Named chat template (`trainer.templates`) for chat data when the base tokenizer has none."""
+
+
+class QuantizationSettings(_Section):
+    """QLoRA: the base is loaded in bitsandbytes 4-bit; present in the config = QLoRA."""
+
+    load_in_4bit: Literal[True] = True
+    """Always true here: the section's presence turns 4-bit loading on."""
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type; NF4 is QLoRA's."""
+    bnb_4bit_use_double_quant: bool = True
+    """Quantize the quantization constants too (QLoRA's double quantization)."""
+    bnb_4bit_compute_dtype: DType = "bfloat16"
+    """Dtype the 4-bit layers compute in."""
+
+
+class LoraSettings(_Section):
+    """The LoRA adapter (peft `LoraConfig` names)."""
+
+    r: int = Field(16, gt=0)
+    """Rank of the update matrices."""
+    lora_alpha: float = Field(32.0, gt=0)
+    """Scaling numerator: the update is scaled by lora_alpha / r."""
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt, or "all-linear" (every linear layer but the output head)."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases are trained."""
+    init_from: Path | None = None
+    """Continue training this adapter folder, not a fresh one (for DPO it is the reference)."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list) and not value:
+            raise ValueError("target_modules must name at least one module")
+        return value
+
+
+class DatasetFile(_Section):
+    """One data file and its share of the training mix."""
+
+    path: Path
+    """A .jsonl, .json (array of objects) or .parquet file."""
+    weight: float = Field(1.0, gt=0)
+    """Relative sampling weight when several files are mixed."""
+
+
+class DataSettings(_Section):
+    """Where the examples come from and how they are prepared."""
+
+    train: list[DatasetFile] = Field(min_length=1)
+    """Training files, mixed by weight and interleaved (not trained one after another)."""
+    eval_file: Path | None = None
+    """A separate evaluation file (same format as the training files)."""
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """Without eval_file: this fraction of each training file is held out for evaluation."""
+    max_length: int = Field(1024, gt=0)
+    """Maximum tokens per example (prompt + completion)."""
+    over_length: Literal["truncate", "drop"] = "truncate"
+    """What happens to longer examples: truncated to max_length, or dropped (both are reported)."""
+    deduplicate: bool = True
+    """Remove exact duplicates (same record) across the training files; the count is reported."""
+    mix_stopping_strategy: Literal["all_exhausted", "first_exhausted"] = "all_exhausted"
+    """When interleaving stops (datasets.interleave_datasets): after every file or the first."""
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> DataSettings:
+        if self.eval_file is not None and self.eval_fraction > 0:
+            raise ValueError("set eval_file or eval_fraction, not both")
+        return self
+
+
+class TrainingSettings(_Section):
+    """The optimization loop (transformers `TrainingArguments` names)."""
+
+    learning_rate: float = Field(2e-4, gt=0)
+    """Peak learning rate."""
+    num_train_epochs: float = Field(1.0, gt=0)
+    """Epochs over the mixed training set (ignored when max_steps > 0)."""
+    max_steps: int = -1
+    """Total optimizer steps; -1 trains for num_train_epochs."""
+    per_device_train_batch_size: int = Field(8, gt=0)
+    """Examples per training batch."""
+    per_device_eval_batch_size: int = Field(8, gt=0)
+    """Examples per evaluation batch."""
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    """Batches accumulated per optimizer step."""
+    optim: str = "adamw_torch"
+    """Optimizer name passed to transformers, e.g. paged_adamw_8bit (QLoRA's, on GPUs)."""
+    lr_scheduler_type: str = "linear"
+    """Learning-rate schedule (transformers names)."""
+    warmup_steps: float = Field(0.0, ge=0)
+    """Warm-up: steps, or a fraction of the run when below 1."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping norm."""
+    gradient_checkpointing: bool = False
+    """Trade compute for activation memory."""
+    bf16: bool = False
+    """bfloat16 mixed precision (GPUs, or CPUs with native bf16)."""
+    logging_steps: int = Field(10, gt=0)
+    """Log (and update the progress bar's loss) every N steps."""
+    eval_steps: int | None = Field(None, gt=0)
+    """Evaluate every N steps; None evaluates once, at the end."""
+    save_steps: int = Field(100, gt=0)
+    """Write a resumable checkpoint every N steps."""
+    save_total_limit: int | None = Field(2, gt=0)
+    """Keep at most this many checkpoints."""
+    seed: int = 42
+    """Seed for initialization, data order and dropout: same seed, same adapter."""
+
+
+class SftSettings(_Section):
+    """Supervised fine-tuning (trl `SFTConfig` names)."""
+
+    completion_only_loss: bool = True
+    """Prompt/completion data: loss on the completion only."""
+    assistant_only_loss: bool = True
+    """Chat data: loss on assistant turns only (needs a template with {% generation %})."""
+    packing: bool = False
+    """Pack several examples into one sequence."""
+
+
+class DpoSettings(_Section):
+    """Direct preference optimization (trl `DPOConfig` names)."""
+
+    beta: float = Field(0.1, gt=0)
+    """Strength of the pull towards the reference model."""
+    loss_type: str = "sigmoid"
+    """trl DPO loss (sigmoid = the DPO paper's; also ipo, hinge, robust, ...)."""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    """Assumed fraction of flipped preference labels (robust/cDPO)."""
+
+
+class RewardSettings(_Section):
+    """Reward-model training (trl `RewardConfig` names)."""
+
+    center_rewards_coefficient: float | None = None
+    """Pushes rewards towards zero mean (trl); None disables it."""
+
+
+class RunConfig(_Section):
+    """What every method shares."""
+
+    output_dir: Path
+    """Run folder: checkpoints/ (resumable) and adapter/ (the result, with manifest.json)."""
+    model: ModelSettings
+    lora: LoraSettings = LoraSettings()
+    quantization: QuantizationSettings | None = None
+    """Set for QLoRA (4-bit base); leave out for LoRA on the full-precision base."""
+    data: DataSettings
+    training: TrainingSettings = TrainingSettings()
+
+    method: ClassVar[Method]
+    """The command that trains with this config (not a YAML key)."""
+
+
+class SftRunConfig(RunConfig):
+    """`loraplex train sft`."""
+
+    method: ClassVar[Method] = "sft"
+    sft: SftSettings = SftSettings()
+
+
+class DpoRunConfig(RunConfig):
+    """`loraplex train dpo`: the reference is the base (adapter disabled) or lora.init_from."""
+
+    method: ClassVar[Method] = "dpo"
+    dpo: DpoSettings = DpoSettings()
+
+
+class RewardRunConfig(RunConfig):
+    """`loraplex train reward`: LoRA on a sequence-classification head over the base."""
+
+    method: ClassVar[Method] = "reward"
+    reward: RewardSettings = RewardSettings()
+
+    @model_validator(mode="after")
+    def _fresh_adapter(self) -> RewardRunConfig:
+        if self.lora.init_from is not None:
+            raise ValueError("lora.init_from: a reward model starts from a fresh adapter")
+        return self
+
+
+CONFIG_CLASSES: dict[str, type[RunConfig]] = {
+    "sft": SftRunConfig,
+    "dpo": DpoRunConfig,
+    "reward": RewardRunConfig,
+}
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `--set a.b=value` overrides (value parsed as YAML) to the raw config mapping."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(
+                f"--set {item!r}: expected key=value, e.g. training.learning_rate=1e-4"
+            )
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return data
+
+
+def _fields_at(cls: type[BaseModel], location: tuple[str | int, ...]) -> list[str]:
+    """Field names of the (nested) model at `location`, for did-you-mean suggestions."""
+    for part in location:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(str(part))
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)] or [
+            a
+            for c in candidates
+            for a in getattr(c, "__args__", ())
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
+        if not nested:
+            return []
+        cls = nested[0]
+    return list(cls.model_fields)
+
+
+def _describe(cls: type[RunConfig], error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        location = tuple(item["loc"])
+        where = ".".join(str(p) for p in location) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            known = _fields_at(cls, location[:-1])
+            close = difflib.get_close_matches(str(location[-1]), known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            lines.append(f"{where}: unknown key{hint} (known here: {', '.join(known)})")
+        else:
+            lines.append(f"{where}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(method: Method, data: dict[str, Any], base_dir: Path | None = None) -> RunConfig:
+    """Validate a raw mapping for `method`; relative paths are taken from `base_dir`."""
+    cls = CONFIG_CLASSES[method]
+    if not isinstance(data, dict):
+        raise ConfigError("the config must be a mapping of sections (model:, data:, ...)")
+    try:
+        config = cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid {method} config:\n{_describe(cls, exc)}") from None
+    return config if base_dir is None else _resolve_paths(config, base_dir)
+
+
+def _resolve_paths(config: RunConfig, base_dir: Path) -> RunConfig:
+    def resolve(path: Path | None) -> Path | None:
+        return None if path is None else (base_dir / path).resolve()
+
+    data = config.data.model_copy(
+        update={
+            "train": [f.model_copy(update={"path": resolve(f.path)}) for f in config.data.train],
+            "eval_file": resolve(config.data.eval_file),
+        }
+    )
+    return config.model_copy(
+        update={
+            "output_dir": resolve(config.output_dir),
+            "model": config.model.model_copy(update={"path": resolve(config.model.path)}),
+            "lora": config.lora.model_copy(update={"init_from": resolve(config.lora.init_from)}),
+            "data": data,
+        }
+    )
+
+
+def load_config(method: Method, path: Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config, apply `--set` overrides, validate; paths relative to the file."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of sections (model:, data:, ...)")
+    apply_overrides(data, overrides or [])
+    return parse_config(method, data, Path(path).resolve().parent)

@@ -1,0 +1,451 @@
+"""Training data: read local files, check every record, deduplicate, hold out, mix by weight.
+
+Validation runs before any model is loaded and reports every problem with its file and line
+(JSON Lines), record (JSON array) or row (Parquet), so one run shows everything to fix. Only
+the over-length check needs the tokenizer, which is cheap to load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, interleave_datasets
+
+from trainer.config import DataSettings, Method
+
+PROMPT_COMPLETION = "prompt/completion"
+MESSAGES = "messages"
+PREFERENCE = "preference"
+FORMAT_KEYS: dict[str, tuple[str, ...]] = {
+    PROMPT_COMPLETION: ("prompt", "completion"),
+    MESSAGES: ("messages",),
+    PREFERENCE: ("prompt", "chosen", "rejected"),
+}
+METHOD_FORMATS: dict[str, tuple[str, ...]] = {
+    "sft": (PROMPT_COMPLETION, MESSAGES),
+    "dpo": (PREFERENCE,),
+    "reward": (PREFERENCE,),
+}
+ROLES = ("system", "user", "assistant")
+MAX_SHOWN_PROBLEMS = 200
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the data, and where."""
+
+    path: Path
+    where: str  # "line 3", "record 3", "row 3", or "" for the whole file
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{' ' + self.where + ':' if self.where else ''} {self.message}"
+
+
+class DataError(ValueError):
+    """Invalid training data; `problems` lists every one found."""
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        self.problems = list(problems)
+        shown = [str(p) for p in self.problems[:MAX_SHOWN_PROBLEMS]]
+        if len(self.problems) > MAX_SHOWN_PROBLEMS:
+            shown.append(f"... and {len(self.problems) - MAX_SHOWN_PROBLEMS} more")
+        count = len(self.problems)
+        super().__init__(
+            f"{count} data problem{'s' * (count != 1)}; nothing was trained:\n" + "\n".join(shown)
+        )
+
+
+@dataclass
+class FileReport:
+    """What happened to one file's examples (kept in the adapter's manifest)."""
+
+    path: str
+    sha256: str
+    role: str  # "train" or "eval"
+    format: str
+    weight: float | None
+    examples: int  # valid records read
+    duplicates_removed: int = 0
+    over_length: int = 0  # longer than max_length (tokens)
+    dropped_over_length: int = 0
+    held_out: int = 0  # moved to the evaluation split (eval_fraction)
+    used: int = 0  # what remains for this role
+
+
+@dataclass
+class DataReport:
+    """The data a run used, file by file, and the mixed totals."""
+
+    files: list[FileReport]
+    max_length: int
+    over_length_policy: str
+    train_examples: int = 0  # after mixing (interleaving may repeat examples)
+    eval_examples: int = 0
+    mix: dict[str, int] = field(default_factory=dict)  # source file -> examples in the mix
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form for the manifest."""
+        return asdict(self)
+
+    def summary(self) -> list[str]:
+        """Human-readable lines for the console."""
+        lines = []
+        for f in self.files:
+            notes = [f"{f.examples} examples ({f.format})"]
+            if f.duplicates_removed:
+                notes.append(f"{f.duplicates_removed} duplicates removed")
+            if f.over_length:
+                action = "dropped" if f.dropped_over_length else "truncated"
+                notes.append(f"{f.over_length} over {self.max_length} tokens, {action}")
+            if f.held_out:
+                notes.append(f"{f.held_out} held out for evaluation")
+            lines.append(f"{f.role} {f.path}: {', '.join(notes)}; {f.used} used")
+        lines.append(f"train mix: {self.train_examples} examples; eval: {self.eval_examples}")
+        return lines
+
+
+@dataclass
+class PreparedData:
+    """Datasets ready for trl, plus the report of how they were made."""
+
+    train: Dataset
+    eval: Dataset | None
+    report: DataReport
+
+
+# ---------------------------------------------------------------- reading
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read(path: Path, problems: list[Problem]) -> list[tuple[str, Any]]:
+    """(location, raw record) pairs; unreadable files and bad JSON lines become problems."""
+    if not path.is_file():
+        problems.append(Problem(path, "", "file not found"))
+        return []
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        records = []
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append((f"line {number}", json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    problems.append(Problem(path, f"line {number}", f"invalid JSON: {exc.msg}"))
+        return records
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            problems.append(Problem(path, f"line {exc.lineno}", f"invalid JSON: {exc.msg}"))
+            return []
+        if not isinstance(data, list):
+            problems.append(Problem(path, "", "a .json data file must hold an array of objects"))
+            return []
+        return [(f"record {i}", r) for i, r in enumerate(data, 1)]
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq  # datasets' own dependency
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises many types for bad files
+            problems.append(Problem(path, "", f"cannot read Parquet: {exc}"))
+            return []
+        return [(f"row {i}", r) for i, r in enumerate(rows, 1)]
+    problems.append(
+        Problem(path, "", f"unsupported file type {suffix!r} (.jsonl, .json, .parquet)")
+    )
+    return []
+
+
+# ---------------------------------------------------------------- checking
+
+
+def detect_format(record: Any) -> str | None:
+    """The format a record's keys point to (None when they point nowhere)."""
+    if not isinstance(record, dict):
+        return None
+    if "messages" in record:
+        return MESSAGES
+    if "chosen" in record or "rejected" in record:
+        return PREFERENCE
+    if "prompt" in record or "completion" in record:
+        return PROMPT_COMPLETION
+    return None
+
+
+def _check_text(value: Any, key: str) -> list[str]:
+    if not isinstance(value, str):
+        return [f"{key!r} must be a string, got {type(value).__name__}"]
+    if not value.strip():
+        return [f"{key!r} is empty"]
+    return []
+
+
+def _check_messages(value: Any, key: str, need_assistant: bool) -> list[str]:
+    if not isinstance(value, list):
+        return [f"{key!r} must be a list of messages, got {type(value).__name__}"]
+    if not value:
+        return [f"{key!r} is empty"]
+    errors = []
+    for i, message in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(message, dict):
+            errors.append(f"{where} must be an object with role and content")
+            continue
+        extra = sorted(set(message) - {"role", "content"})
+        missing = [k for k in ("role", "content") if k not in message]
+        errors += [f"{where}: missing key {k!r}" for k in missing]
+        errors += [f"{where}: unexpected key {k!r} (expected role, content)" for k in extra]
+        if "role" in message and message["role"] not in ROLES:
+            errors.append(
+                f"{where}: role must be one of {', '.join(ROLES)}, got {message['role']!r}"
+            )
+        if "content" in message:
+            errors += [f"{where}: {e}" for e in _check_text(message["content"], "content")]
+    if need_assistant and not any(
+        isinstance(m, dict) and m.get("role") == "assistant" for m in value
+    ):
+        errors.append(f"{key!r} has no assistant turn to learn from")
+    return errors
+
+
+def _check_record(record: Any, fmt: str) -> list[str]:
+    """Every problem with one record of format `fmt` (empty list: valid)."""
+    if not isinstance(record, dict):
+        return [f"expected a JSON object, got {type(record).__name__}"]
+    expected = FORMAT_KEYS[fmt]
+    errors = [f"missing key {k!r}" for k in expected if k not in record]
+    errors += [
+        f"unexpected key {k!r} (expected: {', '.join(expected)})"
+        for k in record
+        if k not in expected
+    ]
+    present = {k: record[k] for k in expected if k in record}
+    if fmt == MESSAGES:
+        if "messages" in present:
+            errors += _check_messages(present["messages"], "messages", need_assistant=True)
+    elif fmt == PROMPT_COMPLETION:
+        # Conversational prompt/completion (lists of messages) is accepted, as trl does.
+        for key, value in present.items():
+            if isinstance(value, list):
+                errors += _check_messages(value, key, need_assistant=key == "completion")
+            else:
+                errors += _check_text(value, key)
+    else:
+        conversational = any(isinstance(v, list) for v in present.values())
+        for key, value in present.items():
+            if conversational:
+                errors += _check_messages(value, key, need_assistant=key != "prompt")
+            else:
+                errors += _check_text(value, key)
+        if (
+            "chosen" in present
+            and "rejected" in present
+            and present["chosen"] == present["rejected"]
+        ):
+            errors.append("chosen and rejected are identical")
+    return errors
+
+
+def _is_conversational(record: dict) -> bool:
+    return any(isinstance(v, list) for v in record.values())
+
+
+def check_file(path: Path, method: Method, problems: list[Problem]) -> tuple[str, list[dict]]:
+    """Read and check one file; returns its format and valid records, appending problems."""
+    raw = _read(path, problems)
+    allowed = METHOD_FORMATS[method]
+    formats = [f for f in (detect_format(r) for _, r in raw) if f is not None]
+    fmt = max(set(formats), key=formats.count) if formats else allowed[0]
+    if formats and fmt not in allowed:
+        wanted = " or ".join(allowed)
+        problems.append(Problem(path, "", f"{method} needs {wanted} data; this file holds {fmt}"))
+        return fmt, []
+    valid: list[dict] = []
+    styles: set[bool] = set()
+    for where, record in raw:
+        errors = _check_record(record, fmt)
+        problems += [Problem(path, where, e) for e in errors]
+        if not errors:
+            valid.append(record)
+            styles.add(_is_conversational(record))
+    if len(styles) > 1:
+        problems.append(Problem(path, "", "mixes plain-text and conversational records"))
+    if raw and not valid and not any(p.path == path for p in problems):
+        problems.append(Problem(path, "", "no valid records"))
+    if not raw and not any(p.path == path for p in problems):
+        problems.append(Problem(path, "", "no records"))
+    return fmt, valid
+
+
+def _key(record: dict) -> str:
+    return json.dumps(record, sort_keys=True, ensure_ascii=False)
+
+
+# ---------------------------------------------------------------- lengths
+
+
+def example_length(record: dict, fmt: str, tokenizer: Any) -> int:
+    """Tokens of the full example as trl will see it (the longer side of a preference pair)."""
+
+    def tokens(prompt: Any, completion: Any) -> int:
+        if isinstance(prompt, list) or isinstance(completion, list):
+            messages = [*(prompt or []), *(completion or [])]
+            return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
+        return len(tokenizer(prompt + completion)["input_ids"])
+
+    if fmt == MESSAGES:
+        return tokens(None, record["messages"])
+    if fmt == PROMPT_COMPLETION:
+        return tokens(record["prompt"], record["completion"])
+    return max(
+        tokens(record["prompt"], record["chosen"]), tokens(record["prompt"], record["rejected"])
+    )
+
+
+# ---------------------------------------------------------------- preparing
+
+
+def validate_files(
+    settings: DataSettings, method: Method
+) -> tuple[list[tuple[Path, str, list[dict]]], tuple[Path, str, list[dict]] | None]:
+    """Check every file; raise DataError listing all problems, before any model is loaded."""
+    problems: list[Problem] = []
+    train = [(f.path, *check_file(f.path, method, problems)) for f in settings.train]
+    evaluation = None
+    if settings.eval_file is not None:
+        evaluation = (settings.eval_file, *check_file(settings.eval_file, method, problems))
+    kinds = {
+        path.name: fmt + (" (conversational)" if records and _is_conversational(records[0]) else "")
+        for path, fmt, records in train
+    }
+    if len(set(kinds.values())) > 1 and not problems:
+        described = ", ".join(f"{name}: {kind}" for name, kind in kinds.items())
+        problems.append(
+            Problem(
+                settings.train[0].path, "", f"training files must share one format ({described})"
+            )
+        )
+    if problems:
+        raise DataError(problems)
+    return train, evaluation
+
+
+def prepare_data(
+    settings: DataSettings,
+    method: Method,
+    tokenizer: Any,
+    seed: int,
+    validated: tuple[list[tuple[Path, str, list[dict]]], tuple[Path, str, list[dict]] | None]
+    | None = None,
+) -> PreparedData:
+    """Validated, deduplicated, length-checked, split and mixed datasets for trl."""
+    train_files, eval_file = validated or validate_files(settings, method)
+    weights = {f.path: f.weight for f in settings.train}
+    reports: list[FileReport] = []
+    seen: set[str] = set()
+    train_parts: list[tuple[Path, list[dict]]] = []
+    for path, fmt, records in train_files:
+        report = FileReport(str(path), sha256_of(path), "train", fmt, weights[path], len(records))
+        kept = []
+        for record in records:
+            key = _key(record)
+            if settings.deduplicate and key in seen:
+                report.duplicates_removed += 1
+                continue
+            seen.add(key)
+            kept.append(record)
+        kept = _apply_length_policy(kept, fmt, tokenizer, settings, report)
+        reports.append(report)
+        train_parts.append((path, kept))
+    train_reports = list(reports)
+
+    eval_records: list[dict] = []
+    if eval_file is not None:
+        path, fmt, records = eval_file
+        report = FileReport(str(path), sha256_of(path), "eval", fmt, None, len(records))
+        unique = list({_key(r): r for r in records}.values())
+        report.duplicates_removed = len(records) - len(unique)
+        eval_records = _apply_length_policy(unique, fmt, tokenizer, settings, report)
+        report.used = len(eval_records)
+        reports.append(report)
+    elif settings.eval_fraction > 0:
+        for (_, records), report in zip(train_parts, train_reports, strict=True):
+            if len(records) < 2:
+                continue
+            split = Dataset.from_list(records).train_test_split(
+                test_size=settings.eval_fraction, seed=seed
+            )
+            records[:] = split["train"].to_list()
+            eval_records += split["test"].to_list()
+            report.held_out = len(split["test"])
+
+    empty = [Problem(path, "", "no examples left to train on") for path, r in train_parts if not r]
+    if empty:
+        raise DataError(empty)
+    for (_, records), report in zip(train_parts, train_reports, strict=True):
+        report.used = len(records)
+
+    train = _mix(train_parts, weights, settings, seed)
+    data_report = DataReport(reports, settings.max_length, settings.over_length)
+    data_report.train_examples = len(train)
+    data_report.eval_examples = len(eval_records)
+    data_report.mix = _mix_counts(train)
+    train = train.remove_columns("source")
+    evaluation = Dataset.from_list(eval_records) if eval_records else None
+    return PreparedData(train, evaluation, data_report)
+
+
+def _apply_length_policy(
+    records: list[dict], fmt: str, tokenizer: Any, settings: DataSettings, report: FileReport
+) -> list[dict]:
+    over = [example_length(r, fmt, tokenizer) > settings.max_length for r in records]
+    report.over_length = sum(over)
+    if settings.over_length == "drop":
+        report.dropped_over_length = report.over_length
+        return [r for r, too_long in zip(records, over, strict=True) if not too_long]
+    return records
+
+
+def _mix(
+    parts: list[tuple[Path, list[dict]]],
+    weights: dict[Path, float],
+    settings: DataSettings,
+    seed: int,
+) -> Dataset:
+    """Interleave the files by weight (datasets.interleave_datasets); tags each example's source."""
+    datasets = [
+        Dataset.from_list([{**r, "source": str(path)} for r in records]) for path, records in parts
+    ]
+    if len(datasets) == 1:
+        return datasets[0]
+    total = sum(weights[path] for path, _ in parts)
+    return interleave_datasets(
+        datasets,
+        probabilities=[weights[path] / total for path, _ in parts],
+        seed=seed,
+        stopping_strategy=settings.mix_stopping_strategy,
+    )
+
+
+def _mix_counts(train: Dataset) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for source in train["source"]:
+        counts[source] = counts.get(source, 0) + 1
+    return counts

@@ -1,0 +1,105 @@
+"""Models for training: the base (full precision or bitsandbytes 4-bit) and its LoRA setup.
+
+trl wraps the base with peft itself when given a `LoraConfig`; only continuing an existing
+adapter (`lora.init_from`) loads it here, and trl then keeps a frozen copy as the DPO reference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from trainer.config import QuantizationSettings, RunConfig
+from trainer.templates import chat_template
+
+
+def load_tokenizer(config: RunConfig) -> PreTrainedTokenizerBase:
+    """The base's tokenizer, with the configured chat template and a pad token."""
+    tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+    if config.model.chat_template is not None:
+        tokenizer.chat_template = chat_template(config.model.chat_template)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def bnb_config(settings: QuantizationSettings | None) -> BitsAndBytesConfig | None:
+    """bitsandbytes 4-bit settings for QLoRA (None: full-precision base)."""
+    if settings is None:
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=settings.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=settings.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, settings.bnb_4bit_compute_dtype),
+    )
+
+
+def load_base(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """The base model: a causal LM, or for a reward model a one-output sequence classifier."""
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, config.model.dtype)}
+    quantization = bnb_config(config.quantization)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    if config.method == "reward":
+        model = AutoModelForSequenceClassification.from_pretrained(
+            config.model.path, num_labels=1, **kwargs
+        )
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model
+    return AutoModelForCausalLM.from_pretrained(config.model.path, **kwargs)
+
+
+def lora_config(config: RunConfig) -> LoraConfig:
+    """peft LoraConfig for a fresh adapter (a reward model also trains its score head)."""
+    reward = config.method == "reward"
+    return LoraConfig(
+        r=config.lora.r,
+        lora_alpha=config.lora.lora_alpha,
+        lora_dropout=config.lora.lora_dropout,
+        target_modules=config.lora.target_modules,
+        bias=config.lora.bias,
+        task_type="SEQ_CLS" if reward else "CAUSAL_LM",
+        modules_to_save=["score"] if reward else None,
+    )
+
+
+def attach_adapter(
+    config: RunConfig, model: PreTrainedModel
+) -> tuple[PreTrainedModel | PeftModel, LoraConfig | None]:
+    """(model, peft_config) for the trl trainer: a fresh LoRA config, or the loaded init_from."""
+    if config.lora.init_from is None:
+        return model, lora_config(config)
+    if config.quantization is not None:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.training.gradient_checkpointing
+        )
+    return PeftModel.from_pretrained(model, config.lora.init_from, is_trainable=True), None
+
+
+def load_reward_model(
+    adapter_dir: Path, base_dir: Path | None = None, dtype: str = "float32"
+) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    """A trained reward model (base + LoRA + score head) and its tokenizer, ready to score."""
+    from peft import PeftConfig
+
+    base_path = base_dir or Path(PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    base = AutoModelForSequenceClassification.from_pretrained(
+        base_path, num_labels=1, dtype=getattr(torch, dtype)
+    )
+    base.config.pad_token_id = tokenizer.pad_token_id
+    return PeftModel.from_pretrained(base, adapter_dir).eval(), tokenizer

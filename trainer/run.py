@@ -1,0 +1,227 @@
+"""One training run: check the data, load the model, let trl train, save adapter + manifest.
+
+No training loop of our own: the config becomes trl's `SFTConfig` / `DPOConfig` /
+`RewardConfig`, and trl's trainers do the work. The run folder holds `checkpoints/` (for
+`--resume`) and, once training finished, `adapter/` (peft format + manifest.json), which is
+written to a temporary folder and renamed, so a failed run never leaves a half-written adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, set_seed
+from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_utils import get_last_checkpoint
+from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
+
+from trainer.callbacks import LossProgressBar, SaveOnInterrupt
+from trainer.config import ConfigError, DpoRunConfig, RewardRunConfig, RunConfig, SftRunConfig
+from trainer.data import MESSAGES, PreparedData, prepare_data, validate_files
+from trainer.manifest import build_manifest, write_manifest
+from trainer.modeling import attach_adapter, load_base, load_tokenizer
+
+log = logging.getLogger(__name__)
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+class RunError(RuntimeError):
+    """The run cannot start or continue (e.g. output folder in use, nothing to resume)."""
+
+
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    adapter_dir: Path | None  # None when interrupted
+    checkpoint_dir: Path
+    interrupted: bool
+    global_step: int
+    manifest: dict[str, Any] | None
+    trainer: Any  # the trl trainer (tests inspect its model)
+
+
+def run_dirs(config: RunConfig) -> tuple[Path, Path]:
+    """(checkpoints folder, final adapter folder) of a run."""
+    return config.output_dir / "checkpoints", config.output_dir / "adapter"
+
+
+def _check_output(config: RunConfig, resume: bool) -> Path | None:
+    """The checkpoint to resume from; refuses to mix a new run into an old run's folder."""
+    checkpoints, adapter_dir = run_dirs(config)
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    if resume:
+        if last is None:
+            raise RunError(f"--resume: no checkpoint in {checkpoints}")
+        return Path(last)
+    if last is not None or adapter_dir.exists():
+        raise RunError(
+            f"{config.output_dir} holds an earlier run; pass --resume to continue it, "
+            "or set another output_dir"
+        )
+    return None
+
+
+def _check_chat_template(config: RunConfig, tokenizer: PreTrainedTokenizerBase, fmt: str) -> None:
+    conversational = fmt == MESSAGES
+    if conversational and not tokenizer.chat_template:
+        raise ConfigError(
+            "chat data needs a chat template: the base tokenizer has none; "
+            "set model.chat_template (e.g. plain, chatml)"
+        )
+    if (
+        isinstance(config, SftRunConfig)
+        and conversational
+        and config.sft.assistant_only_loss
+        and "generation" not in tokenizer.chat_template
+    ):
+        raise ConfigError(
+            "sft.assistant_only_loss needs a chat template with {% generation %} markers; "
+            "set model.chat_template (e.g. plain, chatml) or sft.assistant_only_loss: false"
+        )
+
+
+def _training_args(config: RunConfig, checkpoints: Path, has_eval: bool) -> dict[str, Any]:
+    """The TrainingArguments every method shares."""
+    t = config.training
+    evaluate_during = has_eval and t.eval_steps is not None
+    return {
+        "output_dir": str(checkpoints),
+        "learning_rate": t.learning_rate,
+        "num_train_epochs": t.num_train_epochs,
+        "max_steps": t.max_steps,
+        "per_device_train_batch_size": t.per_device_train_batch_size,
+        "per_device_eval_batch_size": t.per_device_eval_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "optim": t.optim,
+        "lr_scheduler_type": t.lr_scheduler_type,
+        "warmup_steps": t.warmup_steps,
+        "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm,
+        "gradient_checkpointing": t.gradient_checkpointing,
+        "bf16": t.bf16,
+        "logging_steps": t.logging_steps,
+        "save_strategy": "steps",
+        "save_steps": t.save_steps,
+        "save_total_limit": t.save_total_limit,
+        "eval_strategy": "steps" if evaluate_during else "no",
+        "eval_steps": t.eval_steps if evaluate_during else None,
+        "seed": t.seed,
+        "data_seed": t.seed,
+        "report_to": "none",
+        "disable_tqdm": True,  # LossProgressBar replaces transformers' bar
+        "use_cpu": not torch.cuda.is_available(),
+        "max_length": config.data.max_length,
+    }
+
+
+def build_trainer(
+    config: RunConfig,
+    model: PreTrainedModel,
+    peft_config: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    data: PreparedData,
+    fmt: str,
+) -> Any:
+    """The trl trainer for the config's method."""
+    checkpoints, _ = run_dirs(config)
+    common = _training_args(config, checkpoints, data.eval is not None)
+    datasets = {"train_dataset": data.train, "eval_dataset": data.eval}
+    if isinstance(config, SftRunConfig):
+        args = SFTConfig(
+            **common,
+            completion_only_loss=config.sft.completion_only_loss,
+            assistant_only_loss=config.sft.assistant_only_loss and fmt == MESSAGES,
+            packing=config.sft.packing,
+        )
+        return SFTTrainer(
+            model=model,
+            args=args,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            **datasets,
+        )
+    if isinstance(config, DpoRunConfig):
+        args = DPOConfig(
+            **common,
+            beta=config.dpo.beta,
+            loss_type=[config.dpo.loss_type],
+            label_smoothing=config.dpo.label_smoothing,
+        )
+        return DPOTrainer(
+            model=model,
+            args=args,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            **datasets,
+        )
+    assert isinstance(config, RewardRunConfig)
+    args = RewardConfig(
+        **common, center_rewards_coefficient=config.reward.center_rewards_coefficient
+    )
+    return RewardTrainer(
+        model=model, args=args, processing_class=tokenizer, peft_config=peft_config, **datasets
+    )
+
+
+def _save_adapter(trainer: Any, adapter_dir: Path, manifest: dict[str, Any]) -> None:
+    """Write the trained adapter (only it: not trl's frozen DPO reference) and its manifest."""
+    partial = adapter_dir.with_name(adapter_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    trainer.model.save_pretrained(partial, selected_adapters=["default"])
+    (partial / "README.md").unlink(
+        missing_ok=True
+    )  # peft's empty model card; the manifest says more
+    missing = [name for name in ADAPTER_FILES if not (partial / name).is_file()]
+    if missing:
+        raise RunError(f"peft did not write {', '.join(missing)} to {partial}")
+    write_manifest(partial, manifest)
+    partial.rename(adapter_dir)
+
+
+def run_training(
+    config: RunConfig,
+    resume: bool = False,
+    callbacks: Sequence[TrainerCallback] = (),
+    echo: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train per `config`; data and output folder are checked before any model is loaded."""
+    started = time.perf_counter()
+    checkpoints, adapter_dir = run_dirs(config)
+    resume_from = _check_output(config, resume)
+    validated = validate_files(config.data, config.method)
+    fmt = validated[0][0][1]
+    tokenizer = load_tokenizer(config)
+    _check_chat_template(config, tokenizer, fmt)
+    data = prepare_data(config.data, config.method, tokenizer, config.training.seed, validated)
+    for line in data.report.summary():
+        echo(line)
+
+    set_seed(config.training.seed)  # before the model: a reward model's score head is random
+    model, peft_config = attach_adapter(config, load_base(config, tokenizer))
+    trainer = build_trainer(config, model, peft_config, tokenizer, data, fmt)
+    trainer.remove_callback(PrinterCallback)
+    interrupt = SaveOnInterrupt()
+    for callback in (LossProgressBar(), interrupt, *callbacks):
+        trainer.add_callback(callback)
+
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    step = trainer.state.global_step
+    if interrupt.requested:
+        echo(f"interrupted: checkpoint at step {step} in {checkpoints}; continue with --resume")
+        return TrainResult(None, checkpoints, True, step, None, trainer)
+
+    metrics: dict[str, dict[str, float]] = {"train": dict(output.metrics)}
+    if data.eval is not None:
+        metrics["eval"] = dict(trainer.evaluate())
+    manifest = build_manifest(config, data.report, metrics, time.perf_counter() - started, step)
+    _save_adapter(trainer, adapter_dir, manifest)
+    echo(f"adapter: {adapter_dir}")
+    return TrainResult(adapter_dir, checkpoints, False, step, manifest, trainer)

@@ -57,8 +57,26 @@ def load_base(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrain
             config.model.path, num_labels=1, **kwargs
         )
         model.config.pad_token_id = tokenizer.pad_token_id
-        return model
-    return AutoModelForCausalLM.from_pretrained(config.model.path, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(config.model.path, **kwargs)
+    if quantization is not None:
+        keep_4bit_weights_trainable(model)
+    return model
+
+
+def keep_4bit_weights_trainable(model: PreTrainedModel) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference.
+
+    bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks a Linear4bit's weight into an
+    inference-only layout on its first no-grad forward in eval mode, and never undoes it: an
+    evaluation before or during training then leaves LoRA training on silently wrong gradients
+    (the loss stalls; torch warns that gemv_4bit has no autograd kernel). Found by the QLoRA test.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def lora_config(config: RunConfig) -> LoraConfig:
@@ -103,3 +121,24 @@ def load_reward_model(
     )
     base.config.pad_token_id = tokenizer.pad_token_id
     return PeftModel.from_pretrained(base, adapter_dir).eval(), tokenizer
+
+
+@torch.inference_mode()
+def reward_scores(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    completions: list[str],
+    batch_size: int = 16,
+) -> list[float]:
+    """Scores of plain-text (prompt, completion) pairs, formatted as trl's RewardTrainer trains:
+    prompt + completion + EOS."""
+    texts = [
+        p + (c if c.endswith(tokenizer.eos_token) else c + tokenizer.eos_token)
+        for p, c in zip(prompts, completions, strict=True)
+    ]
+    scores: list[float] = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True)
+        scores += model(**batch).logits.squeeze(-1).float().tolist()
+    return scores

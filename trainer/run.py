@@ -212,13 +212,16 @@ def run_training(
     for callback in (LossProgressBar(), interrupt, *callbacks):
         trainer.add_callback(callback)
 
+    metrics: dict[str, dict[str, float]] = {}
+    if data.eval is not None and resume_from is None:
+        metrics["initial_eval"] = dict(trainer.evaluate())  # the baseline the run improves on
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     step = trainer.state.global_step
     if interrupt.requested:
         echo(f"interrupted: checkpoint at step {step} in {checkpoints}; continue with --resume")
         return TrainResult(None, checkpoints, True, step, None, trainer)
 
-    metrics: dict[str, dict[str, float]] = {"train": dict(output.metrics)}
+    metrics["train"] = dict(output.metrics)
     if data.eval is not None:
         metrics["eval"] = dict(trainer.evaluate())
     manifest = build_manifest(config, data.report, metrics, time.perf_counter() - started, step)

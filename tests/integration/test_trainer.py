@@ -1,0 +1,368 @@
+"""The trainer end to end on the tiny base: real trl, peft and bitsandbytes, no mocks of training.
+
+The task (examples/colors) is a made-up fact per animal asked with five phrasings; every
+held-out prompt uses a phrasing its animal was never trained with, so scores on them measure
+learning, not recall of a string. Runs are short (60-120 steps, seconds each on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import bitsandbytes as bnb
+import peft
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+from gateway.client import AdapterClient, Client
+from trainer.config import load_config
+from trainer.modeling import load_reward_model, reward_scores
+from trainer.run import RunError, TrainResult, run_training
+
+EXAMPLES = Path(__file__).parents[2] / "examples" / "colors"
+HELD_OUT = [json.loads(line) for line in (EXAMPLES / "colors_eval.jsonl").open()]
+HELD_OUT_PAIRS = [json.loads(line) for line in (EXAMPLES / "pairs_eval.jsonl").open()]
+LOSS_DROP = 2.0  # nats: held-out eval loss must fall at least this much (from ~6.9, random init)
+MIN_EXACT_MATCH = 0.75  # trained adapter, greedy, on the 12 held-out prompts
+MIN_EM_GAIN = 0.5  # over the base's exact match (which is 0 for a random-init base)
+MIN_PREFERENCE_ACCURACY = 0.8  # DPO / reward model on the 24 held-out pairs (chance: 0.5)
+
+
+def config_for(method: str, yaml_name: str, base: Path, out: Path, *overrides: str):
+    return load_config(
+        method,
+        EXAMPLES / f"{yaml_name}.yaml",
+        [f"output_dir={out}", f"model.path={base}", *overrides],
+    )
+
+
+class TrainableSnapshot(TrainerCallback):
+    """Copies the trainable parameters when training starts (to check that they moved)."""
+
+    def __init__(self) -> None:
+        self.before: dict[str, torch.Tensor] = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.before = {
+            n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
+        }
+
+
+def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 4) -> list[str]:
+    answers = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+        answers.append(
+            tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+        )
+    return answers
+
+
+def exact_match(answers: list[str], rows: list[dict]) -> float:
+    hits = [a.strip() == r["completion"].strip() for a, r in zip(answers, rows, strict=True)]
+    return sum(hits) / len(hits)
+
+
+def load_base(base: Path):
+    return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny_model, tmp_path_factory) -> tuple[TrainResult, TrainableSnapshot]:
+    """LoRA SFT on colors mixed 2:1 with sounds (examples/colors/sft.yaml), trained once."""
+    snapshot = TrainableSnapshot()
+    out = tmp_path_factory.mktemp("sft")
+    config = config_for("sft", "sft", tiny_model.base, out)
+    return run_training(config, callbacks=[snapshot], echo=lambda _: None), snapshot
+
+
+def test_sft_lowers_held_out_loss_and_writes_a_complete_manifest(sft_run, tiny_model):
+    result, _ = sft_run
+    assert sorted(p.name for p in result.adapter_dir.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "manifest.json",
+    ]
+    manifest = json.loads((result.adapter_dir / "manifest.json").read_text())
+    before = manifest["metrics"]["initial_eval"]["eval_loss"]
+    after = manifest["metrics"]["eval"]["eval_loss"]
+    assert after < before - LOSS_DROP, (before, after)
+
+    from gateway.registry.fingerprint import base_fingerprint
+
+    assert manifest["base_fingerprint"] == base_fingerprint(tiny_model.base)
+    assert manifest["method"] == "sft" and manifest["seed"] == 0 and manifest["steps"] == 120
+    assert manifest["config"]["training"]["learning_rate"] == 3e-3
+    assert {"torch", "transformers", "peft", "trl", "bitsandbytes"} <= set(manifest["versions"])
+    files = {Path(f["path"]).name: f for f in manifest["data"]["files"]}
+    assert (
+        files["colors_train.jsonl"]["examples"] == 48
+        and files["colors_eval.jsonl"]["role"] == "eval"
+    )
+    assert len(files["colors_train.jsonl"]["sha256"]) == 64
+    # Mixed by weight 2:1 and interleaved: both sources in the mix.
+    mix = {Path(k).name: v for k, v in manifest["data"]["mix"].items()}
+    assert mix["colors_train.jsonl"] > mix["sounds_train.jsonl"] > 0
+    assert manifest["wall_time_s"] > 0
+
+
+def test_sft_changes_only_the_lora_weights(sft_run, tiny_model):
+    result, snapshot = sft_run
+    model = result.trainer.model
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    moved = [n for n, p in trainable.items() if not torch.equal(p.detach(), snapshot.before[n])]
+    assert len(moved) == len(trainable), "every LoRA matrix should have been updated"
+
+    original = load_base(tiny_model.base).state_dict()
+    trained = {
+        n.removeprefix("base_model.model.").replace(".base_layer", ""): p
+        for n, p in model.named_parameters()
+        if "lora_" not in n
+    }
+    assert set(original) == set(trained)
+    changed = [n for n, p in original.items() if not torch.equal(p, trained[n].detach())]
+    assert changed == []
+
+
+def test_sft_adapter_beats_the_base_on_held_out_exact_match(sft_run, tiny_model):
+    result, _ = sft_run
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model.base)
+    prompts = [r["prompt"] for r in HELD_OUT]
+    base_em = exact_match(greedy_answers(load_base(tiny_model.base), tokenizer, prompts), HELD_OUT)
+    tuned = PeftModel.from_pretrained(load_base(tiny_model.base), result.adapter_dir).eval()
+    tuned_em = exact_match(greedy_answers(tuned, tokenizer, prompts), HELD_OUT)
+    assert tuned_em >= MIN_EXACT_MATCH and tuned_em >= base_em + MIN_EM_GAIN, (base_em, tuned_em)
+
+
+def test_qlora_trains_4bit_layers_and_learns(tiny_model, tmp_path):
+    snapshot = TrainableSnapshot()
+    config = config_for("sft", "qlora", tiny_model.base, tmp_path)
+    result = run_training(config, callbacks=[snapshot], echo=lambda _: None)
+
+    layers = [
+        m for m in result.trainer.model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)
+    ]
+    assert layers and all(isinstance(m, peft.tuners.lora.bnb.Linear4bit) for m in layers)
+    assert all(isinstance(m.base_layer, bnb.nn.Linear4bit) for m in layers)
+    weights = {m.base_layer.weight.quant_state.quant_type for m in layers}
+    assert weights == {"nf4"}
+    assert all(m.base_layer.weight.quant_state.nested for m in layers)  # double quantization
+    assert all(m.base_layer.weight.dtype == torch.uint8 for m in layers)  # packed 4-bit
+
+    metrics = result.manifest["metrics"]
+    assert metrics["eval"]["eval_loss"] < metrics["initial_eval"]["eval_loss"] - LOSS_DROP
+    assert result.manifest["quantization"] == "bnb-4bit"
+    # Served on a full-precision (or differently quantized) copy of the base, it still answers.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model.base)
+    tuned = PeftModel.from_pretrained(load_base(tiny_model.base), result.adapter_dir).eval()
+    answers = greedy_answers(tuned, tokenizer, [r["prompt"] for r in HELD_OUT])
+    assert exact_match(answers, HELD_OUT) >= MIN_EXACT_MATCH
+
+
+def test_dpo_raises_held_out_preference_accuracy_and_margin(tiny_model, tmp_path):
+    config = config_for("dpo", "dpo", tiny_model.base, tmp_path)
+    result = run_training(config, echo=lambda _: None)
+    before, after = result.manifest["metrics"]["initial_eval"], result.manifest["metrics"]["eval"]
+    # The reference is the base with the adapter disabled: at the start policy == reference.
+    assert before["eval_rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert after["eval_rewards/accuracies"] >= MIN_PREFERENCE_ACCURACY
+    assert after["eval_rewards/margins"] > before["eval_rewards/margins"] + 0.3
+    assert "ref" not in result.trainer.model.peft_config
+
+
+def test_dpo_continues_an_sft_adapter_which_is_its_reference(sft_run, tiny_model, tmp_path):
+    sft_result, _ = sft_run
+    config = config_for(
+        "dpo", "dpo", tiny_model.base, tmp_path, f"lora.init_from={sft_result.adapter_dir}"
+    )
+    result = run_training(config, echo=lambda _: None)
+    model = result.trainer.model
+    assert set(model.peft_config) == {"default", "ref"}  # trl's frozen copy of the SFT adapter
+    sft_weights = load_file(sft_result.adapter_dir / "adapter_model.safetensors")
+    ref = {n.replace(".ref.", "."): p for n, p in model.named_parameters() if ".ref." in n}
+    assert set(ref) == set(sft_weights)
+    assert all(torch.equal(p.detach(), sft_weights[n]) for n, p in ref.items())
+    before, after = result.manifest["metrics"]["initial_eval"], result.manifest["metrics"]["eval"]
+    assert before["eval_rewards/margins"] == pytest.approx(0.0, abs=1e-5)  # policy == reference
+    assert after["eval_rewards/accuracies"] >= MIN_PREFERENCE_ACCURACY, after
+    assert after["eval_rewards/margins"] > 0.05, after
+    # Only the trained adapter is saved, not the reference copy.
+    saved = load_file(result.adapter_dir / "adapter_model.safetensors")
+    assert saved and not any(".ref." in k for k in saved)
+    assert result.manifest["init_from"] == str(sft_result.adapter_dir)
+
+
+def test_reward_model_ranks_chosen_above_rejected_on_held_out_pairs(tiny_model, tmp_path):
+    config = config_for("reward", "reward", tiny_model.base, tmp_path)
+    result = run_training(config, echo=lambda _: None)
+    assert result.manifest["task"] == "reward-model"
+    model, tokenizer = load_reward_model(result.adapter_dir, tiny_model.base)
+    prompts = [p["prompt"] for p in HELD_OUT_PAIRS]
+    chosen = reward_scores(model, tokenizer, prompts, [p["chosen"] for p in HELD_OUT_PAIRS])
+    rejected = reward_scores(model, tokenizer, prompts, [p["rejected"] for p in HELD_OUT_PAIRS])
+    accuracy = sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(prompts)
+    assert accuracy >= MIN_PREFERENCE_ACCURACY
+
+
+# ---------------------------------------------------------------- determinism and resume
+
+SHORT = ("training.max_steps=20", "training.save_steps=10", "data.eval_file=null")
+
+
+class InterruptAt(TrainerCallback):
+    """Sends this process a real SIGINT (Ctrl-C) at the end of a given step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            signal.raise_signal(signal.SIGINT)
+
+
+def _adapter_bytes(result: TrainResult) -> tuple[bytes, bytes]:
+    folder = result.adapter_dir
+    return (
+        (folder / "adapter_model.safetensors").read_bytes(),
+        (folder / "adapter_config.json").read_bytes(),
+    )
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_model, tmp_path_factory) -> TrainResult:
+    config = config_for("sft", "sft", tiny_model.base, tmp_path_factory.mktemp("ref"), *SHORT)
+    return run_training(config, echo=lambda _: None)
+
+
+def test_same_config_data_and_seed_give_a_byte_identical_adapter(
+    reference_run, tiny_model, tmp_path
+):
+    config = config_for("sft", "sft", tiny_model.base, tmp_path, *SHORT)
+    again = run_training(config, echo=lambda _: None)
+    assert _adapter_bytes(again) == _adapter_bytes(reference_run)
+    other = run_training(
+        config.model_copy(
+            update={
+                "output_dir": tmp_path / "seed1",
+                "training": config.training.model_copy(update={"seed": 1}),
+            }
+        ),
+        echo=lambda _: None,
+    )
+    assert _adapter_bytes(other)[0] != _adapter_bytes(reference_run)[0]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_reaches_the_uninterrupted_result(
+    reference_run, tiny_model, tmp_path
+):
+    config = config_for("sft", "sft", tiny_model.base, tmp_path, *SHORT)
+    stopped = run_training(config, callbacks=[InterruptAt(7)], echo=lambda _: None)
+    assert stopped.interrupted and stopped.adapter_dir is None
+    # The flag is seen at the next step boundary, where the checkpoint is written.
+    assert stopped.global_step == 8
+    assert (stopped.checkpoint_dir / "checkpoint-8").is_dir()
+    assert not (tmp_path / "adapter").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+    with pytest.raises(RunError, match="pass --resume"):
+        run_training(config, echo=lambda _: None)
+    resumed = run_training(config, resume=True, echo=lambda _: None)
+    assert resumed.global_step == 20
+    # Bit-for-bit: optimizer, scheduler, RNG and data order are all restored from the checkpoint.
+    assert _adapter_bytes(resumed) == _adapter_bytes(reference_run)
+
+
+def test_resume_without_a_checkpoint_is_refused(tiny_model, tmp_path):
+    config = config_for("sft", "sft", tiny_model.base, tmp_path)
+    with pytest.raises(RunError, match="no checkpoint"):
+        run_training(config, resume=True)
+
+
+# ---------------------------------------------------------------- the command and the gateway
+
+
+def _loraplex(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def test_cli_refuses_a_bad_config_and_bad_data_before_loading_a_model(tmp_path):
+    typo = _loraplex(
+        "train", "sft", "--config", str(EXAMPLES / "sft.yaml"), "--set", "training.learning_rat=1"
+    )
+    assert typo.returncode == 2, typo.stderr
+    assert "training.learning_rat: unknown key; did you mean 'learning_rate'?" in typo.stderr
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Q", "completion": ""}\n{"prompt": "Q2"}\n')
+    result = _loraplex(
+        "train",
+        "sft",
+        "--config",
+        str(EXAMPLES / "sft.yaml"),
+        "--set",
+        f"data.train=[{{path: {bad}}}]",
+        "--set",
+        f"output_dir={tmp_path / 'out'}",
+        "--set",
+        "model.path=/nonexistent/base",  # never reached: the data check comes first
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"{bad}: line 1: 'completion' is empty" in result.stderr
+    assert f"{bad}: line 2: missing key 'completion'" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_trains_registers_a_candidate_that_the_gateway_serves(gateway, tiny_model, tmp_path):
+    """`loraplex train sft --register`: the adapter becomes colors@candidate and vLLM serves it."""
+    result = _loraplex(
+        "train",
+        "sft",
+        "--config",
+        str(EXAMPLES / "sft.yaml"),
+        "--set",
+        f"output_dir={tmp_path}",
+        "--set",
+        f"model.path={tiny_model.base}",
+        "--register",
+        "--target",
+        gateway.target,
+        "--name",
+        "colors",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "registered colors@v1 as candidate" in result.stdout
+    with AdapterClient(gateway.target) as registry:
+        adapter = registry.get("colors")
+    assert adapter.aliases["candidate"] == 1
+    prompts = [r["prompt"] for r in HELD_OUT]
+    with Client(gateway.target) as client:
+        served = [
+            client.generate(p, "colors@candidate", max_tokens=4, temperature=0.0).text
+            for p in prompts
+        ]
+        base = [client.generate(p, "", max_tokens=4, temperature=0.0).text for p in prompts]
+    assert served != base
+    assert exact_match(served, HELD_OUT) >= MIN_EXACT_MATCH
+    # The gateway's vLLM gives what HF + peft gives for the same adapter (float32 base).
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model.base)
+    tuned = PeftModel.from_pretrained(load_base(tiny_model.base), tmp_path / "adapter").eval()
+    assert [a.strip() for a in served] == [
+        a.strip() for a in greedy_answers(tuned, tokenizer, prompts)
+    ]

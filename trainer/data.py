@@ -139,8 +139,13 @@ def _read(path: Path, problems: list[Problem]) -> list[tuple[str, Any]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         records = []
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
+        with path.open("rb") as f:  # decoded line by line: a bad byte is one line's problem
+            for number, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    problems.append(Problem(path, f"line {number}", f"not UTF-8: {exc.reason}"))
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -153,6 +158,9 @@ def _read(path: Path, problems: list[Problem]) -> list[tuple[str, Any]]:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             problems.append(Problem(path, f"line {exc.lineno}", f"invalid JSON: {exc.msg}"))
+            return []
+        except UnicodeDecodeError as exc:
+            problems.append(Problem(path, "", f"not UTF-8: {exc.reason}"))
             return []
         if not isinstance(data, list):
             problems.append(Problem(path, "", "a .json data file must hold an array of objects"))
@@ -241,9 +249,11 @@ def _check_record(record: Any, fmt: str) -> list[str]:
         if "messages" in present:
             errors += _check_messages(present["messages"], "messages", need_assistant=True)
     elif fmt == PROMPT_COMPLETION:
-        # Conversational prompt/completion (lists of messages) is accepted, as trl does.
+        # Conversational prompt/completion (lists of messages) is accepted, as trl does; then
+        # both sides must be messages (trl joins them into one conversation).
+        conversational = any(isinstance(v, list) for v in present.values())
         for key, value in present.items():
-            if isinstance(value, list):
+            if conversational:
                 errors += _check_messages(value, key, need_assistant=key == "completion")
             else:
                 errors += _check_text(value, key)
@@ -287,11 +297,14 @@ def check_file(path: Path, method: Method, problems: list[Problem]) -> tuple[str
             styles.add(_is_conversational(record))
     if len(styles) > 1:
         problems.append(Problem(path, "", "mixes plain-text and conversational records"))
-    if raw and not valid and not any(p.path == path for p in problems):
-        problems.append(Problem(path, "", "no valid records"))
     if not raw and not any(p.path == path for p in problems):
         problems.append(Problem(path, "", "no records"))
     return fmt, valid
+
+
+def _kind(fmt: str, records: list[dict]) -> str:
+    """A file's format as trl tells it apart: plain text or conversational."""
+    return fmt + (" (conversational)" if records and _is_conversational(records[0]) else "")
 
 
 def _key(record: dict) -> str:
@@ -331,17 +344,25 @@ def validate_files(
     evaluation = None
     if settings.eval_file is not None:
         evaluation = (settings.eval_file, *check_file(settings.eval_file, method, problems))
-    kinds = {
-        path.name: fmt + (" (conversational)" if records and _is_conversational(records[0]) else "")
-        for path, fmt, records in train
-    }
+    # Keyed by path, not name: a/train.jsonl and b/train.jsonl are two files.
+    kinds = {path: _kind(fmt, records) for path, fmt, records in train}
     if len(set(kinds.values())) > 1 and not problems:
-        described = ", ".join(f"{name}: {kind}" for name, kind in kinds.items())
+        described = ", ".join(f"{path}: {kind}" for path, kind in kinds.items())
         problems.append(
             Problem(
                 settings.train[0].path, "", f"training files must share one format ({described})"
             )
         )
+    if evaluation is not None and not problems:
+        eval_kind, train_kind = _kind(*evaluation[1:]), next(iter(kinds.values()))
+        if eval_kind != train_kind:
+            problems.append(
+                Problem(
+                    evaluation[0],
+                    "",
+                    f"eval_file holds {eval_kind} data; the training files hold {train_kind}",
+                )
+            )
     if problems:
         raise DataError(problems)
     return train, evaluation
@@ -389,9 +410,9 @@ def prepare_data(
         for (_, records), report in zip(train_parts, train_reports, strict=True):
             if len(records) < 2:
                 continue
-            split = Dataset.from_list(records).train_test_split(
-                test_size=settings.eval_fraction, seed=seed
-            )
+            # At least one example on each side, however small the file or large the fraction.
+            held = min(len(records) - 1, max(1, round(len(records) * settings.eval_fraction)))
+            split = Dataset.from_list(records).train_test_split(test_size=held, seed=seed)
             records[:] = split["train"].to_list()
             eval_records += split["test"].to_list()
             report.held_out = len(split["test"])

@@ -1,0 +1,217 @@
+"""QLoRA vs LoRA vs full bf16 fine-tuning: peak memory (RSS) and tokens/s for the same steps.
+
+A ~210M-parameter Llama (random init, the tiny model's tokenizer, bf16 weights on disk) is
+built locally once. Each mode then trains in its own fresh process (so peak RSS belongs to that
+mode alone), one after another, with trl's SFTTrainer and identical data, sequence length,
+batch size, optimizer and steps:
+
+- full: every weight trained, bf16 weights, AdamW (no peft);
+- lora: LoRA r=16 on all linear layers over the bf16 base;
+- qlora: the same LoRA over the base loaded in bitsandbytes NF4 with double quantization,
+  bf16 compute (trainer.modeling's loader, as `loraplex train` uses it).
+
+Peak RSS is the process's high-water mark (VmHWM); "above baseline" subtracts the RSS after
+the libraries are imported and before the model loads. Tokens/s counts trained tokens over the
+timed steps (the first step is warm-up).
+
+    .venv/bin/python benchmarks/train_memory.py            # about 10 minutes on 2 cores
+    .venv/bin/python benchmarks/train_memory.py --steps 3  # quicker, noisier
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ("full", "lora", "qlora")
+GOAL_QLORA_VS_LORA = 0.6
+
+
+def rss_kib(field: str) -> int:
+    """VmRSS / VmHWM of this process, in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def build_model(out: Path) -> Path:
+    """A deterministic ~210M-parameter Llama in bf16, with the tiny model's tokenizer."""
+    if (out / "model.safetensors").is_file():
+        return out
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainer.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def train_once(mode: str, model_dir: Path, steps: int, seq_len: int, batch: int) -> dict:
+    """One mode, in this process; returns its figures."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from trainer.config import QuantizationSettings
+    from trainer.modeling import bnb_config, keep_4bit_weights_trainable
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    baseline = rss_kib("VmRSS")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    text = (ROOT / "trainer" / "assets" / "tiny_corpus.txt").read_text()
+    ids = tokenizer(text)["input_ids"]
+    rows = [
+        {"input_ids": ids[i * seq_len : (i + 1) * seq_len]}
+        for i in range(batch * (steps + 1))
+        if len(ids) >= (i + 1) * seq_len
+    ]
+    assert len(rows) == batch * (steps + 1), "corpus too short for these settings"
+
+    kwargs: dict = {"dtype": torch.bfloat16}
+    quantization = None
+    if mode == "qlora":
+        quantization = QuantizationSettings(bnb_4bit_compute_dtype="bfloat16")
+        kwargs["quantization_config"] = bnb_config(quantization)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if quantization is not None:
+        keep_4bit_weights_trainable(model)
+    loaded = rss_kib("VmRSS")
+    peft_config = (
+        None
+        if mode == "full"
+        else LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+    )
+
+    step_times: list[float] = []
+
+    class StepClock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            step_times.append(time.perf_counter() - self.start)
+
+    args = SFTConfig(
+        output_dir=str(model_dir.parent / f"out-{mode}"),
+        max_steps=steps + 1,
+        per_device_train_batch_size=batch,
+        learning_rate=1e-4,
+        optim="adamw_torch",
+        bf16=mode != "qlora",  # QLoRA computes in bf16 through bnb_4bit_compute_dtype
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        max_length=seq_len,
+        seed=0,
+        logging_steps=1,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[StepClock()],
+    )
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in trainer.model.parameters())
+    trainer.train()
+    timed = step_times[1:]
+    peak = rss_kib("VmHWM")
+    return {
+        "mode": mode,
+        "steps_timed": len(timed),
+        "tokens_per_s": batch * seq_len * len(timed) / sum(timed),
+        "peak_rss_mib": peak / 1024,
+        "peak_above_baseline_mib": (peak - baseline) / 1024,
+        "rss_after_load_mib": loaded / 1024,
+        "baseline_rss_mib": baseline / 1024,
+        "trainable_params": trainable,
+        "params": total,
+        "final_loss": trainer.state.log_history[-2].get("loss"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (plus one warm-up)")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--model-dir", type=Path, default=ROOT / "build" / "bench" / "llama-210m")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "train_memory.json"
+    )
+    parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        result = train_once(args.child, args.model_dir, args.steps, args.seq_len, args.batch)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    build_model(args.model_dir)
+    results = {}
+    for mode in args.modes.split(","):
+        command = [
+            sys.executable, __file__, "--child", mode, "--model-dir", str(args.model_dir),
+            "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--batch", str(args.batch),
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+        if done.returncode != 0 or not lines:
+            sys.exit(f"{mode} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        results[mode] = json.loads(lines[-1].removeprefix("RESULT "))
+        r = results[mode]
+        print(
+            f"{mode:6s} peak RSS {r['peak_rss_mib']:7.0f} MiB "
+            f"(above baseline {r['peak_above_baseline_mib']:7.0f}) "
+            f"{r['tokens_per_s']:7.1f} tok/s  trainable {r['trainable_params'] / 1e6:.1f}M "
+            f"of {r['params'] / 1e6:.1f}M",
+            flush=True,
+        )
+    if {"lora", "qlora"} <= set(results):
+        ratio = results["qlora"]["peak_rss_mib"] / results["lora"]["peak_rss_mib"]
+        above = (
+            results["qlora"]["peak_above_baseline_mib"] / results["lora"]["peak_above_baseline_mib"]
+        )
+        speed = results["qlora"]["tokens_per_s"] / results["lora"]["tokens_per_s"]
+        verdict = "met" if ratio <= GOAL_QLORA_VS_LORA else "MISSED"
+        print(
+            f"qlora/lora peak RSS {ratio:.3f} (goal <= {GOAL_QLORA_VS_LORA}: {verdict}); "
+            f"above baseline {above:.3f}; tokens/s {speed:.3f}"
+        )
+        results["ratios"] = {"peak_rss": ratio, "peak_above_baseline": above, "tokens_per_s": speed}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

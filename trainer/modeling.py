@@ -6,6 +6,7 @@ adapter (`lora.init_from`) loads it here, and trl then keeps a frozen copy as th
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -60,23 +61,35 @@ def load_base(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrain
     else:
         model = AutoModelForCausalLM.from_pretrained(config.model.path, **kwargs)
     if quantization is not None:
-        keep_4bit_weights_trainable(model)
+        prepare_4bit_base(model)
     return model
 
 
-def keep_4bit_weights_trainable(model: PreTrainedModel) -> None:
-    """Stop bitsandbytes repacking 4-bit weights for CPU inference.
+def prepare_4bit_base(model: PreTrainedModel) -> None:
+    """Fit a freshly loaded 4-bit base for LoRA training on CPU; free what it no longer needs.
 
-    bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks a Linear4bit's weight into an
-    inference-only layout on its first no-grad forward in eval mode, and never undoes it: an
-    evaluation before or during training then leaves LoRA training on silently wrong gradients
-    (the loss stalls; torch warns that gemv_4bit has no autograd kernel). Found by the QLoRA test.
+    - bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks a Linear4bit's weight into an
+      inference-only layout on its first no-grad forward in eval mode, and never undoes it: an
+      evaluation before or during training then leaves LoRA training on silently wrong gradients
+      (the loss stalls; torch warns that gemv_4bit has no autograd kernel). Found by the QLoRA
+      test; the repacking is turned off.
+    - On CPU, the weights that stay unquantized (embeddings, norms, head) are zero-copy views of
+      the memory-mapped checkpoint, which keeps the whole file mapped, and every page the
+      quantizer read stays resident: a 4-bit base would hold its full-precision checkpoint too.
+      Copying those few tensors releases the map (measured by benchmarks/train_memory.py).
     """
     import bitsandbytes as bnb
 
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
+        for param in module.parameters(recurse=False):
+            if not isinstance(param, bnb.nn.Params4bit) and param.device.type == "cpu":
+                param.data = param.data.clone()
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and buffer.device.type == "cpu":
+                module._buffers[name] = buffer.clone()
+    gc.collect()
 
 
 def lora_config(config: RunConfig) -> LoraConfig:

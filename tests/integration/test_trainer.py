@@ -366,3 +366,36 @@ def test_cli_trains_registers_a_candidate_that_the_gateway_serves(gateway, tiny_
     assert [a.strip() for a in served] == [
         a.strip() for a in greedy_answers(tuned, tokenizer, prompts)
     ]
+
+
+def test_chat_data_on_a_base_without_template_needs_a_named_one(tiny_model, tmp_path):
+    """messages data: the base's chat template, or `model.chat_template` when it has none;
+    loss on assistant turns only (the {% generation %} mask)."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model.base, base)
+    settings = json.loads((base / "tokenizer_config.json").read_text())
+    settings.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(settings))
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    chat = (
+        "data.train=[{path: colors_chat.jsonl}]",
+        "data.eval_file=null",
+        "training.max_steps=10",
+    )
+    from trainer.config import ConfigError
+
+    config = config_for("sft", "sft", base, tmp_path / "no-template", *chat)
+    with pytest.raises(ConfigError, match=r"set model\.chat_template"):
+        run_training(config, echo=lambda _: None)
+    assert not (tmp_path / "no-template").exists()  # refused before anything was written
+
+    config = config_for("sft", "sft", base, tmp_path / "plain", *chat, "model.chat_template=plain")
+    result = run_training(config, echo=lambda _: None)
+    batch = next(iter(result.trainer.get_train_dataloader()))
+    labels, ids = batch["labels"][0], batch["input_ids"][0]
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    trained_on = tokenizer.decode(ids[labels != -100])
+    assert "User:" not in trained_on and trained_on.strip().endswith(tokenizer.eos_token)
+    assert (labels == -100).sum() > (labels != -100).sum()  # the user turn is masked

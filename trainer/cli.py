@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import TypeAdapter
 
 from gateway.cli_adapters import DEFAULT_TARGET, _connect, _fail, _print_registered
-from trainer.config import ConfigError, Method, load_config
+from trainer.config import ConfigError, DType, Method, QuantizationSettings, load_config
 
 train_app = typer.Typer(
     help="Train LoRA adapters with trl + peft (SFT, QLoRA, DPO, reward models).",
@@ -38,6 +39,7 @@ Register = Annotated[
 Target = Annotated[str, typer.Option("--target", help="Gateway address host:port.")]
 Name = Annotated[str | None, typer.Option("--name", help="Adapter name to register under.")]
 CANDIDATE = "candidate"
+DTYPE_CHECK = TypeAdapter(DType)
 EXIT_INTERRUPTED = 130
 
 
@@ -117,3 +119,41 @@ def reward(
 ) -> None:
     """A reward model (LoRA + score head) on preference pairs, for the eval suite's judge."""
     _train("reward", config, overrides, resume, False, DEFAULT_TARGET, None)
+
+
+@train_app.command("quantize-base")
+def quantize_base(
+    model: Annotated[Path, typer.Option("--model", help="Full-precision base model folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the 4-bit copy.")],
+    quant_type: Annotated[str, typer.Option(help="nf4 or fp4.")] = "nf4",
+    double_quant: Annotated[bool, typer.Option(help="Double quantization.")] = True,
+    compute_dtype: Annotated[str, typer.Option(help="Compute dtype of the 4-bit layers.")] = (
+        "bfloat16"
+    ),
+    dtype: Annotated[str, typer.Option(help="Dtype of the layers left unquantized.")] = (
+        "bfloat16"
+    ),
+) -> None:
+    """Save a bitsandbytes 4-bit copy of a base, for QLoRA runs that load it directly.
+
+    Loading a 4-bit copy reads a quarter of the bytes and never holds the full-precision
+    weights; point model.path at it and keep the same quantization section.
+    """
+    if not (model / "config.json").is_file():
+        _fail(f"{model} is not a model folder (no config.json)", 2)
+    if out.exists() and any(out.iterdir()):
+        _fail(f"{out} exists and is not empty", 2)
+    try:
+        settings = QuantizationSettings(
+            bnb_4bit_quant_type=quant_type,
+            bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+        DTYPE_CHECK.validate_python(dtype)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+
+    from trainer.modeling import save_4bit_base
+
+    save_4bit_base(model, out, settings, dtype)
+    typer.echo(f"4-bit base: {out} ({settings.model_dump()})")

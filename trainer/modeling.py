@@ -7,6 +7,7 @@ adapter (`lora.init_from`) loads it here, and trl then keeps a frozen copy as th
 from __future__ import annotations
 
 import gc
+import json
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from trainer.config import QuantizationSettings, RunConfig
+from trainer.config import ConfigError, QuantizationSettings, RunConfig
 from trainer.templates import chat_template
 
 
@@ -51,8 +52,8 @@ def load_base(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrain
     """The base model: a causal LM, or for a reward model a one-output sequence classifier."""
     kwargs: dict[str, Any] = {"dtype": getattr(torch, config.model.dtype)}
     quantization = bnb_config(config.quantization)
-    if quantization is not None:
-        kwargs["quantization_config"] = quantization
+    if quantization is not None and stored_4bit_settings(config.model.path) is None:
+        kwargs["quantization_config"] = quantization  # quantized while loading
     if config.method == "reward":
         model = AutoModelForSequenceClassification.from_pretrained(
             config.model.path, num_labels=1, **kwargs
@@ -90,6 +91,50 @@ def prepare_4bit_base(model: PreTrainedModel) -> None:
             if buffer is not None and buffer.device.type == "cpu":
                 module._buffers[name] = buffer.clone()
     gc.collect()
+
+
+def stored_4bit_settings(model_dir: Path) -> QuantizationSettings | None:
+    """The bitsandbytes 4-bit settings a pre-quantized base folder was saved with (else None)."""
+    stored = json.loads((Path(model_dir) / "config.json").read_text()).get("quantization_config")
+    if not stored or stored.get("quant_method") != "bitsandbytes" or not stored.get("load_in_4bit"):
+        return None
+    return QuantizationSettings(
+        bnb_4bit_quant_type=stored.get("bnb_4bit_quant_type", "fp4"),
+        bnb_4bit_use_double_quant=stored.get("bnb_4bit_use_double_quant", False),
+        bnb_4bit_compute_dtype=str(stored.get("bnb_4bit_compute_dtype", "float32")).removeprefix(
+            "torch."
+        ),
+    )
+
+
+def check_base_quantization(config: RunConfig) -> None:
+    """A pre-quantized 4-bit base needs a matching `quantization` section (it is QLoRA)."""
+    stored = stored_4bit_settings(config.model.path)
+    if stored is None:
+        return
+    if config.quantization is None:
+        raise ConfigError(
+            f"{config.model.path} is stored in bitsandbytes 4-bit: training on it is QLoRA; "
+            f"add a quantization section ({stored.model_dump()})"
+        )
+    if config.quantization != stored:
+        raise ConfigError(
+            f"quantization {config.quantization.model_dump()} differs from the settings "
+            f"{config.model.path} was quantized with ({stored.model_dump()})"
+        )
+
+
+def save_4bit_base(
+    source: Path, out: Path, settings: QuantizationSettings, dtype: str = "bfloat16"
+) -> Path:
+    """Quantize a base once and save it in 4-bit, so QLoRA runs load ~1/4 of the bytes and never
+    hold the full-precision weights (the registry's fingerprint of the copy is unchanged)."""
+    model = AutoModelForCausalLM.from_pretrained(
+        source, quantization_config=bnb_config(settings), dtype=getattr(torch, dtype)
+    )
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    return out
 
 
 def lora_config(config: RunConfig) -> LoraConfig:

@@ -26,7 +26,7 @@ from trainer.callbacks import LossProgressBar, SaveOnInterrupt
 from trainer.config import ConfigError, DpoRunConfig, RewardRunConfig, RunConfig, SftRunConfig
 from trainer.data import MESSAGES, PreparedData, prepare_data, validate_files
 from trainer.manifest import build_manifest, write_manifest
-from trainer.modeling import attach_adapter, load_base, load_tokenizer
+from trainer.modeling import attach_adapter, check_base_quantization, load_base, load_tokenizer
 
 log = logging.getLogger(__name__)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -198,6 +198,7 @@ def run_training(
     resume_from = _check_output(config, resume)
     validated = validate_files(config.data, config.method)
     fmt = validated[0][0][1]
+    check_base_quantization(config)
     tokenizer = load_tokenizer(config)
     _check_chat_template(config, tokenizer, fmt)
     data = prepare_data(config.data, config.method, tokenizer, config.training.seed, validated)

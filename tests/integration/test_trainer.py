@@ -399,3 +399,40 @@ def test_chat_data_on_a_base_without_template_needs_a_named_one(tiny_model, tmp_
     trained_on = tokenizer.decode(ids[labels != -100])
     assert "User:" not in trained_on and trained_on.strip().endswith(tokenizer.eos_token)
     assert (labels == -100).sum() > (labels != -100).sum()  # the user turn is masked
+
+
+def test_qlora_on_a_prequantized_4bit_base(tiny_model, tmp_path):
+    """`loraplex train quantize-base` once, then QLoRA loads the 4-bit copy directly; the
+    registry's fingerprint of the copy is the base's, so its adapters register for the base."""
+    from gateway.registry.fingerprint import base_fingerprint
+    from trainer.config import ConfigError
+
+    nf4 = tmp_path / "base-nf4"
+    done = _loraplex(
+        "train", "quantize-base", "--model", str(tiny_model.base), "--out", str(nf4),
+        "--dtype", "float32", "--compute-dtype", "float32",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert base_fingerprint(nf4) == base_fingerprint(tiny_model.base)
+    stored = json.loads((nf4 / "config.json").read_text())["quantization_config"]
+    assert stored["bnb_4bit_quant_type"] == "nf4" and stored["bnb_4bit_use_double_quant"]
+
+    short = ("training.max_steps=10", "data.eval_file=null")
+    with pytest.raises(ConfigError, match="training on it is QLoRA"):
+        run_training(config_for("sft", "sft", nf4, tmp_path / "lora", *short))
+    mismatch = config_for("sft", "qlora", nf4, tmp_path / "fp4", *short)
+    mismatch = mismatch.model_copy(
+        update={
+            "quantization": mismatch.quantization.model_copy(update={"bnb_4bit_quant_type": "fp4"})
+        }
+    )
+    with pytest.raises(ConfigError, match="differs from the settings"):
+        run_training(mismatch)
+
+    result = run_training(
+        config_for("sft", "qlora", nf4, tmp_path / "qlora", *short), echo=lambda _: None
+    )
+    layers = [m for m in result.trainer.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.weight.quant_state.quant_type == "nf4" for m in layers)
+    assert result.manifest["base_fingerprint"] == base_fingerprint(tiny_model.base)
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()

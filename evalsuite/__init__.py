@@ -1,0 +1,10 @@
+"""loraplex's eval suite: lm-eval benchmarks and preference comparisons through the gateway,
+and the promotion gate that decides on them.
+
+Importing it registers the lm-eval model backend `loraplex` (lm-eval 0.4.13 has no plugin entry
+points); the backend module itself loads on first use.
+"""
+
+from lm_eval.api.registry import model_registry
+
+model_registry.register("loraplex", target="evalsuite.lm_eval_backend:LoraplexLM")

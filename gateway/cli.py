@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from google.protobuf.json_format import MessageToDict
 
+from evalsuite.cli import eval_app
 from gateway.cli_adapters import adapters_app
 from trainer.cli import train_app
 
@@ -21,6 +22,7 @@ app = typer.Typer(
 )
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(train_app, name="train")
+app.add_typer(eval_app, name="eval")
 
 Target = Annotated[str, typer.Option("--target", help="Gateway address host:port.")]
 

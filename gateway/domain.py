@@ -167,6 +167,10 @@ class EngineInfo:
     max_logprobs: int
     vocab_size: int
     engine: str
+    bos_token: tuple[int, str] | None = None
+    """The tokenizer's BOS (id, text), if it has one."""
+    eos_token: tuple[int, str] | None = None
+    """The tokenizer's EOS (id, text), if it has one."""
 
 
 class Engine(Protocol):

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from gateway.config import GatewayConfig
 from gateway.domain import (
@@ -222,6 +223,8 @@ class VllmEngine:
             max_logprobs=config.max_logprobs,
             vocab_size=model_config.get_vocab_size(),
             engine=f"vllm {vllm_version}",
+            bos_token=_special(self._tokenizer, "bos"),
+            eos_token=_special(self._tokenizer, "eos"),
         )
 
     @classmethod
@@ -391,3 +394,9 @@ class VllmEngine:
 
     async def shutdown(self) -> None:
         self._llm.shutdown()
+
+
+def _special(tokenizer: Any, kind: str) -> tuple[int, str] | None:
+    """(id, text) of the tokenizer's BOS or EOS token, or None when it has none."""
+    token_id, text = getattr(tokenizer, f"{kind}_token_id"), getattr(tokenizer, f"{kind}_token")
+    return None if token_id is None or text is None else (int(token_id), str(text))

@@ -220,4 +220,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             vocab_size=info.vocab_size,
             engine=info.engine,
             unfinished_requests=pipeline.engine.unfinished_requests(),
+            bos_token=_special_token(info.bos_token),
+            eos_token=_special_token(info.eos_token),
         )
+
+
+def _special_token(token: tuple[int, str] | None) -> pb.SpecialToken | None:
+    return None if token is None else pb.SpecialToken(id=token[0], text=token[1])

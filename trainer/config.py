@@ -272,7 +272,8 @@ def _fields_at(cls: type[BaseModel], location: tuple[str | int, ...]) -> list[st
     return list(cls.model_fields)
 
 
-def _describe(cls: type[RunConfig], error: ValidationError) -> str:
+def describe_validation_error(cls: type[BaseModel], error: ValidationError) -> str:
+    """One line per problem, with a did-you-mean for unknown keys (shared by every YAML file)."""
     lines = []
     for item in error.errors():
         location = tuple(item["loc"])
@@ -295,7 +296,8 @@ def parse_config(method: Method, data: dict[str, Any], base_dir: Path | None = N
     try:
         config = cls.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"invalid {method} config:\n{_describe(cls, exc)}") from None
+        problems = describe_validation_error(cls, exc)
+        raise ConfigError(f"invalid {method} config:\n{problems}") from None
     return config if base_dir is None else _resolve_paths(config, base_dir)
 
 

@@ -101,6 +101,22 @@ def main() -> None:
 
     write("pairs_train.jsonl", pairs(train))
     write("pairs_eval.jsonl", pairs(held_out))
+    # The gate's preference prompts: the held-out questions with reference answers.
+    write(
+        "prompts.jsonl",
+        [
+            {"id": f"q{i}", "prompt": r["prompt"], "reference": r["completion"].strip()}
+            for i, r in enumerate(held_out)
+        ],
+    )
+    # A deliberately bad training set for the demo and tests: the same questions with the
+    # answers shuffled across animals (fluent, confidently wrong).
+    shuffled = [r["completion"] for r in train]
+    rng.shuffle(shuffled)
+    write(
+        "colors_shuffled.jsonl",
+        [{"prompt": r["prompt"], "completion": c} for r, c in zip(train, shuffled, strict=True)],
+    )
 
 
 if __name__ == "__main__":

@@ -222,6 +222,11 @@ def test_tokenize_matches_hf_and_model_info(gateway, hf, tiny_model):
     ranks = {a.name: a.rank for a in info.adapters}
     assert len(set(ranks.values())) > 1
     assert info.engine.startswith("vllm")
+    assert (info.bos_token.id, info.bos_token.text) == (hf.tokenizer.bos_token_id, "<s>")
+    assert (info.eos_token.id, info.eos_token.text) == (
+        hf.tokenizer.eos_token_id,
+        hf.tokenizer.eos_token,
+    )
 
 
 def test_health_serving_and_reflection_lists_services(gateway):

@@ -29,6 +29,8 @@ INFO = EngineInfo(
     max_logprobs=5,
     vocab_size=100,
     engine="fake 0",
+    bos_token=(1, "<s>"),
+    eos_token=(2, "</s>"),
 )
 
 

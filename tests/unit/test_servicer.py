@@ -108,5 +108,6 @@ async def test_model_info_lists_servable_adapters_only(served):
     assert [a.name for a in info.adapters] == ["alpha"]
     assert info.adapters[0].rank == 8
     assert info.max_context_length == 64 and info.engine == "fake 0"
+    assert (info.bos_token.id, info.bos_token.text, info.eos_token.id) == (1, "<s>", 2)
     tokens = await client.tokenize("ab", add_special_tokens=False)
     assert list(tokens.token_ids) == [97, 98] and list(tokens.tokens) == ["<97>", "<98>"]

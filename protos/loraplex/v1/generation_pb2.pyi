@@ -221,7 +221,7 @@ class AdapterSummary(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., rank: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("base_model", "quantization", "dtype", "max_context_length", "max_lora_rank", "max_loras", "adapters", "vocab_size", "engine", "unfinished_requests")
+    __slots__ = ("base_model", "quantization", "dtype", "max_context_length", "max_lora_rank", "max_loras", "adapters", "vocab_size", "engine", "unfinished_requests", "bos_token", "eos_token")
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -232,6 +232,8 @@ class GetModelInfoResponse(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     UNFINISHED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    BOS_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EOS_TOKEN_FIELD_NUMBER: _ClassVar[int]
     base_model: str
     quantization: str
     dtype: str
@@ -242,4 +244,14 @@ class GetModelInfoResponse(_message.Message):
     vocab_size: int
     engine: str
     unfinished_requests: int
-    def __init__(self, base_model: _Optional[str] = ..., quantization: _Optional[str] = ..., dtype: _Optional[str] = ..., max_context_length: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_loras: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AdapterSummary, _Mapping]]] = ..., vocab_size: _Optional[int] = ..., engine: _Optional[str] = ..., unfinished_requests: _Optional[int] = ...) -> None: ...
+    bos_token: SpecialToken
+    eos_token: SpecialToken
+    def __init__(self, base_model: _Optional[str] = ..., quantization: _Optional[str] = ..., dtype: _Optional[str] = ..., max_context_length: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_loras: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AdapterSummary, _Mapping]]] = ..., vocab_size: _Optional[int] = ..., engine: _Optional[str] = ..., unfinished_requests: _Optional[int] = ..., bos_token: _Optional[_Union[SpecialToken, _Mapping]] = ..., eos_token: _Optional[_Union[SpecialToken, _Mapping]] = ...) -> None: ...
+
+class SpecialToken(_message.Message):
+    __slots__ = ("id", "text")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    text: str
+    def __init__(self, id: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...

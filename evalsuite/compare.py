@@ -1,0 +1,266 @@
+"""Preference comparison of two served systems on one prompt set: both answer every prompt through
+the gateway with the same sampling options, a judge picks per pair, stats summarise the outcomes.
+
+    prompts = load_prompts("prompts.jsonl")
+    result = await compare("localhost:50051", "acme@candidate", "acme@production", prompts,
+                           make_judge("rouge_l"), {"temperature": 0.0, "max_tokens": 128})
+    json.dumps(result.to_dict())
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from evalsuite.errors import EvalError, EvalInputError
+from evalsuite.fanout import (
+    GenerateFn,
+    bounded_gather,
+    check_finished,
+    check_generation_options,
+    gateway_generate,
+    served_version,
+)
+
+if TYPE_CHECKING:
+    from evalsuite.judges import Judge
+    from evalsuite.stats import PairwiseSummary
+
+PROMPT_KEYS = ("id", "prompt", "reference")
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    """One prompt of the set; `source` ("file:line") lets later errors point at the input."""
+
+    id: str
+    prompt: str
+    reference: str | None = None
+    source: str | None = None
+
+
+@dataclass
+class Pair:
+    """Both systems' answers to one prompt, and the exact versions that produced them."""
+
+    id: str
+    prompt: str
+    reference: str | None
+    candidate: str
+    baseline: str
+    candidate_version: str = ""
+    baseline_version: str = ""
+
+
+def load_prompts(path: str | Path) -> list[PromptItem]:
+    """A prompt set from JSONL (`prompt` required; optional `id`, default the line number, and
+    `reference`); every bad line is reported at once as file:line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise EvalInputError(f"{path}: cannot read the prompt set: {e}") from None
+    items: list[PromptItem] = []
+    problems: list[str] = []
+    first_seen: dict[str, int] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            item = _prompt_item(line, default_id=str(number), where=where)
+        except EvalInputError as e:
+            problems.append(str(e))
+            continue
+        if item.id in first_seen:
+            first = first_seen[item.id]
+            problems.append(f"{where}: duplicate id {item.id!r} (first on line {first})")
+            continue
+        first_seen[item.id] = number
+        items.append(item)
+    if problems:
+        raise EvalInputError("\n".join(problems))
+    if not items:
+        raise EvalInputError(f"{path}: no prompts")
+    return items
+
+
+def _prompt_item(line: str, default_id: str, where: str) -> PromptItem:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise EvalInputError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise EvalInputError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    unknown = sorted(set(row) - set(PROMPT_KEYS))
+    if unknown:
+        raise EvalInputError(f"{where}: unknown key(s) {unknown}; expected {list(PROMPT_KEYS)}")
+    if "prompt" not in row:
+        raise EvalInputError(f"{where}: missing key 'prompt'")
+    prompt, reference, id_ = row["prompt"], row.get("reference"), row.get("id", default_id)
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise EvalInputError(f"{where}: 'prompt' must be a non-empty string")
+    if reference is not None and not isinstance(reference, str):
+        raise EvalInputError(f"{where}: 'reference' must be a string or null")
+    if isinstance(id_, bool) or not isinstance(id_, str | int) or str(id_) == "":
+        raise EvalInputError(f"{where}: 'id' must be a non-empty string or an integer")
+    return PromptItem(id=str(id_), prompt=prompt, reference=reference, source=where)
+
+
+async def generate_pairs(
+    target: str | None,
+    candidate: str,
+    baseline: str,
+    prompts: Sequence[PromptItem],
+    sampling: dict,
+    concurrency: int = 16,
+    *,
+    timeout: float | None = None,
+    progress: bool = True,
+    generate: GenerateFn | None = None,
+) -> list[Pair]:
+    """Both systems answer every prompt with the SAME options, all requests in flight together
+    (the engine batches across adapters). gRPC errors propagate; a failed or cancelled
+    completion, or a system served by more than one version (an alias moved mid-run), is an
+    EvalError: either way the comparison would not be of two fixed systems."""
+    options = check_generation_options(sampling)
+    prompts = list(prompts)
+    jobs = []
+    async with gateway_generate(target, generate, timeout) as call:
+
+        def job(item: PromptItem, reference: str):  # a coroutine factory
+            async def run() -> Any:
+                response = await call(item.prompt, adapter=reference, **options)
+                check_finished(response, reference)
+                return response
+
+            return run
+
+        for item in prompts:
+            jobs += [job(item, candidate), job(item, baseline)]
+        responses = await bounded_gather(jobs, concurrency, "generating pairs", progress)
+    pairs = [
+        Pair(
+            id=item.id,
+            prompt=item.prompt,
+            reference=item.reference,
+            candidate=cand.text,
+            baseline=base.text,
+            candidate_version=served_version(cand.adapter),
+            baseline_version=served_version(base.adapter),
+        )
+        for item, cand, base in zip(prompts, responses[0::2], responses[1::2], strict=True)
+    ]
+    for side, reference in (("candidate", candidate), ("baseline", baseline)):
+        versions = sorted({getattr(p, f"{side}_version") for p in pairs})
+        if len(versions) > 1:
+            raise EvalError(
+                f"{side} {reference!r} was served by several versions {versions}: "
+                "an alias moved during the run; run the comparison again"
+            )
+    return pairs
+
+
+@dataclass
+class ComparisonResult:
+    """Everything a report and the gate need: per-pair evidence and the summary."""
+
+    candidate: str
+    baseline: str
+    sampling: dict
+    judge: str
+    pairs: list[Pair]
+    outcomes: list[float]  # the candidate's: 1 win, 0.5 tie, 0 loss
+    details: list[dict]
+    summary: PairwiseSummary
+    judge_config: dict = field(default_factory=dict)
+
+    @property
+    def candidate_version(self) -> str:
+        return self.pairs[0].candidate_version if self.pairs else ""
+
+    @property
+    def baseline_version(self) -> str:
+        return self.pairs[0].baseline_version if self.pairs else ""
+
+    def to_dict(self) -> dict:
+        """JSON-ready (json.dumps works on it as is)."""
+        return {
+            "candidate": self.candidate,
+            "candidate_version": self.candidate_version,
+            "baseline": self.baseline,
+            "baseline_version": self.baseline_version,
+            "sampling": dict(self.sampling),
+            "judge": self.judge,
+            "judge_config": dict(self.judge_config),
+            "summary": self.summary.to_dict(),
+            "pairs": [
+                {**asdict(pair), "outcome": outcome, "judge": detail}
+                for pair, outcome, detail in zip(
+                    self.pairs, self.outcomes, self.details, strict=True
+                )
+            ],
+        }
+
+
+async def compare(
+    target: str | None,
+    candidate: str,
+    baseline: str,
+    prompts: Sequence[PromptItem],
+    judge: Judge,
+    sampling: dict,
+    concurrency: int = 16,
+    *,
+    confidence: float = 0.95,
+    resamples: int = 10000,
+    seed: int = 0,
+    timeout: float | None = None,
+    progress: bool = True,
+    generate: GenerateFn | None = None,
+) -> ComparisonResult:
+    """generate_pairs, then the judge, then `summarize_pairwise` over the candidate's outcomes.
+    A judge that needs references is checked against the prompts before anything is generated."""
+    from evalsuite.stats import summarize_pairwise
+
+    if not prompts:
+        raise EvalInputError("no prompts to compare on")
+    if judge.needs_reference:
+        missing = [p.source or f"id {p.id!r}" for p in prompts if p.reference is None]
+        if missing:
+            raise EvalInputError(
+                f"judge {judge.name!r} needs a 'reference' for every prompt; missing at: "
+                + ", ".join(missing[:10])
+                + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+            )
+    pairs = await generate_pairs(
+        target,
+        candidate,
+        baseline,
+        prompts,
+        sampling,
+        concurrency,
+        timeout=timeout,
+        progress=progress,
+        generate=generate,
+    )
+    judgements = await judge.judge(pairs)
+    if len(judgements) != len(pairs):
+        raise EvalError(
+            f"judge {judge.name!r} returned {len(judgements)} verdicts for {len(pairs)} pairs"
+        )
+    outcomes = [j.outcome for j in judgements]
+    return ComparisonResult(
+        candidate=candidate,
+        baseline=baseline,
+        sampling=dict(sampling),
+        judge=judge.name,
+        pairs=pairs,
+        outcomes=outcomes,
+        details=[j.detail for j in judgements],
+        summary=summarize_pairwise(outcomes, confidence=confidence, resamples=resamples, seed=seed),
+        judge_config=judge.config(),
+    )

@@ -1,0 +1,58 @@
+"""Judges for preference comparisons, registered lazily by import string (lm-eval style): a
+judge's heavy dependencies (torch for the reward model) load only when it is used.
+
+    judge = make_judge("rouge_l", tolerance=0.01)
+    judge = make_judge("my_pkg.judges:ToxicityJudge", threshold=0.5)  # any Judge subclass
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
+
+from evalsuite.errors import EvalInputError
+from evalsuite.judges.base import LOSS, TIE, WIN, Judge, Judgement
+
+__all__ = ["JUDGES", "LOSS", "TIE", "WIN", "Judge", "Judgement", "judge_class", "make_judge"]
+
+JUDGES: dict[str, str] = {
+    "exact_match": "evalsuite.judges.reference:ExactMatchJudge",
+    "rouge_l": "evalsuite.judges.reference:RougeLJudge",
+    "reward_model": "evalsuite.judges.reward:RewardModelJudge",
+    "llm_judge": "evalsuite.judges.llm:LLMJudge",
+}
+
+
+def judge_class(name: str) -> type[Judge]:
+    """The class registered as `name`, or named by a "module:Class" import string."""
+    if name in JUDGES:
+        module, _, attr = JUDGES[name].partition(":")
+        return getattr(importlib.import_module(module), attr)
+    if ":" not in name:
+        raise EvalInputError(f"unknown judge {name!r}; known judges: {', '.join(sorted(JUDGES))}")
+    module, _, attr = name.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise EvalInputError(f"judge {name!r}: cannot import it: {e}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Judge)):
+        raise EvalInputError(f"judge {name!r} is not a subclass of evalsuite.judges.Judge")
+    return cls
+
+
+def make_judge(name: str, **options: Any) -> Judge:
+    """A judge built from its options; a wrong or missing option is an EvalInputError that lists
+    the options the judge takes."""
+    cls = judge_class(name)
+    signature = inspect.signature(cls)
+    try:
+        signature.bind(**options)
+    except TypeError as e:
+        takes = ", ".join(
+            p.name if p.default is p.empty else f"{p.name}={p.default!r}"
+            for p in signature.parameters.values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        )
+        raise EvalInputError(f"judge {name!r}: {e}; it takes: {takes or 'no options'}") from None
+    return cls(**options)

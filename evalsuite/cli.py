@@ -88,3 +88,162 @@ def gate(
     if result.report_paths:
         typer.echo(f"report: {result.report_paths[1]} (and {result.report_paths[0].name})")
     raise typer.Exit(result.exit_code)
+
+
+Options = Annotated[
+    list[str] | None,
+    typer.Option("--judge-option", help="Judge option key=value (YAML value), repeatable."),
+]
+
+
+def _options(items: list[str] | None, what: str) -> dict:
+    """key=value pairs with YAML values (temperature=0, stop=['\\n'], path=/models/rm)."""
+    import yaml
+
+    parsed = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            _fail(f"{what} {item!r}: expected key=value", EXIT_ERROR)
+        parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return parsed
+
+
+def _write_json(path: Path | None, data: dict) -> None:
+    import json
+
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        typer.echo(f"written: {path}")
+
+
+def _print_summary(label: str, summary: dict) -> None:
+    typer.echo(
+        f"{label}: {summary['wins']}W/{summary['ties']}T/{summary['losses']}L of {summary['n']}, "
+        f"win rate {summary['win_rate']:.3f}, {summary['confidence']:.0%} CI "
+        f"[{summary['ci_low']:.3f}, {summary['ci_high']:.3f}], sign test p "
+        f"{summary['sign_test_p']:.3g}"
+    )
+
+
+@eval_app.command()
+def compare(
+    candidate: Annotated[str, typer.Option(help="Candidate reference (NAME@ALIAS, NAME@vN).")],
+    prompts: Annotated[Path, typer.Option(help="JSONL prompts (prompt, id, reference).")],
+    baseline: Annotated[str, typer.Option(help="Baseline reference ('' = base).")] = "",
+    judge: Annotated[str, typer.Option(help="exact_match, rouge_l, reward_model, llm_judge.")] = (
+        "exact_match"
+    ),
+    judge_option: Options = None,
+    sampling: Annotated[
+        list[str] | None, typer.Option(help="Generation option key=value, repeatable.")
+    ] = None,
+    target: Annotated[str, typer.Option(help="Gateway address host:port.")] = DEFAULT_TARGET,
+    out: Annotated[Path | None, typer.Option(help="Write the comparison as JSON.")] = None,
+    export_human: Annotated[
+        Path | None, typer.Option(help="Also export the pairs, blinded, for human raters.")
+    ] = None,
+    key: Annotated[Path | None, typer.Option(help="Where the human export's key goes.")] = None,
+) -> None:
+    """Candidate vs baseline on a prompt set, both answered through the gateway, judged pairwise."""
+    import asyncio
+
+    import grpc
+
+    from evalsuite.compare import compare as run_compare
+    from evalsuite.compare import load_prompts
+    from evalsuite.errors import EvalError
+    from evalsuite.human import export_for_rating
+    from evalsuite.judges import make_judge
+
+    if export_human is not None and key is None:
+        _fail("--export-human needs --key (kept away from the raters)", EXIT_ERROR)
+    options = _options(judge_option, "--judge-option")
+    sampling_options = {"temperature": 0.0, "max_tokens": 64} | _options(sampling, "--sampling")
+    try:
+        if judge == "llm_judge":
+            options.setdefault("target", target)
+        result = asyncio.run(
+            run_compare(
+                target, candidate, baseline, load_prompts(prompts), make_judge(judge, **options),
+                sampling_options,
+            )
+        )  # fmt: skip
+    except EvalError as exc:
+        _fail(str(exc), EXIT_ERROR)
+    except grpc.RpcError as exc:
+        _fail(f"gateway {target}: {exc.code().name}: {exc.details()}", EXIT_ERROR)
+    _print_summary(f"{result.candidate_version} vs {result.baseline_version} ({judge})",
+                   result.summary.to_dict())  # fmt: skip
+    _write_json(out, result.to_dict())
+    if export_human is not None and key is not None:
+        exported = export_for_rating(result.pairs, export_human, key)
+        typer.echo(f"for raters: {exported.csv} / {exported.jsonl}; key (keep): {exported.key}")
+
+
+@eval_app.command("score-votes")
+def score_votes(
+    votes: Annotated[list[Path], typer.Argument(help="Votes files (CSV/JSONL), one per rater.")],
+    key: Annotated[Path, typer.Option(help="The export's key file.")],
+    out: Annotated[Path | None, typer.Option(help="Write the result as JSON.")] = None,
+) -> None:
+    """Human votes on an exported comparison -> the same statistics as the automatic judges."""
+    from evalsuite.errors import EvalError
+    from evalsuite.human import score_votes as score
+
+    try:
+        result = score(votes, key)
+    except EvalError as exc:
+        _fail(str(exc), EXIT_ERROR)
+    _print_summary("human votes (candidate)", result.summary.to_dict())
+    if result.unrated:
+        typer.echo(f"unrated pairs: {len(result.unrated)}")
+    _write_json(out, result.to_dict())
+
+
+@eval_app.command()
+def rank(
+    systems: Annotated[list[str], typer.Argument(help="Three or more references ('' = base).")],
+    prompts: Annotated[Path, typer.Option(help="JSONL prompts (prompt, id, reference).")],
+    judge: Annotated[str, typer.Option(help="Judge name.")] = "exact_match",
+    judge_option: Options = None,
+    sampling: Annotated[list[str] | None, typer.Option(help="Generation option key=value.")] = None,
+    target: Annotated[str, typer.Option(help="Gateway address host:port.")] = DEFAULT_TARGET,
+    out: Annotated[Path | None, typer.Option(help="Write the ratings as JSON.")] = None,
+) -> None:
+    """Every pair of systems compared on the prompts; Bradley-Terry ratings with bootstrap CIs."""
+    import asyncio
+    from itertools import combinations
+
+    import grpc
+
+    from evalsuite.compare import compare as run_compare
+    from evalsuite.compare import load_prompts
+    from evalsuite.errors import EvalError
+    from evalsuite.judges import make_judge
+    from evalsuite.stats import bradley_terry
+
+    if len(set(systems)) < 2:
+        _fail("rank needs at least two different systems", EXIT_ERROR)
+    options = _options(judge_option, "--judge-option")
+    if judge == "llm_judge":
+        options.setdefault("target", target)
+    sampling_options = {"temperature": 0.0, "max_tokens": 64} | _options(sampling, "--sampling")
+    games: list[tuple[str, str, float]] = []
+    try:
+        items = load_prompts(prompts)
+        for a, b in combinations(dict.fromkeys(systems), 2):
+            result = asyncio.run(
+                run_compare(target, a, b, items, make_judge(judge, **options), sampling_options)
+            )
+            games += [(a or "base", b or "base", o) for o in result.outcomes]
+            _print_summary(f"{a or 'base'} vs {b or 'base'}", result.summary.to_dict())
+        ratings = bradley_terry(games)
+    except EvalError as exc:
+        _fail(str(exc), EXIT_ERROR)
+    except grpc.RpcError as exc:
+        _fail(f"gateway {target}: {exc.code().name}: {exc.details()}", EXIT_ERROR)
+    for r in ratings:
+        typer.echo(f"{r.system:30s} {r.rating:7.1f}  [{r.ci_low:7.1f}, {r.ci_high:7.1f}]")
+    _write_json(out, {"judge": judge, "ratings": [r.to_dict() for r in ratings]})

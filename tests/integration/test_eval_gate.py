@@ -242,3 +242,44 @@ def test_gateway_scores_agree_with_lm_evals_hf_backend(gateway, adapters, tiny_m
     assert ppl == pytest.approx(
         reference["results"]["heldout_ppl"]["word_perplexity,none"], rel=PPL_RELATIVE_TOLERANCE
     )
+
+
+def test_compare_rank_and_human_votes_from_the_command_line(gateway, tiny_model, tmp_path):
+    """`loraplex eval compare` (with a blinded export), `score-votes` and `rank` on served
+    adapters: the human votes go through the key into the same statistics."""
+    prompts = str(EXAMPLES / "prompts.jsonl")
+    compared = _loraplex(
+        "eval", "compare", "--target", gateway.target, "--candidate", "alpha", "--baseline", "",
+        "--prompts", prompts, "--judge", "rouge_l", "--sampling", "max_tokens=4",
+        "--out", str(tmp_path / "cmp.json"), "--export-human", str(tmp_path / "raters"),
+        "--key", str(tmp_path / "key.json"),
+    )  # fmt: skip
+    assert compared.returncode == 0, compared.stderr[-2000:]
+    result = json.loads((tmp_path / "cmp.json").read_text())
+    assert result["candidate_version"] == "alpha@v1" and result["baseline_version"] == "base"
+    assert len(result["pairs"]) == result["summary"]["n"] == 12
+    rows = (tmp_path / "raters" / "pairs.csv").read_text()
+    assert "alpha" not in rows and "base" not in rows.split("\n")[0]  # blinded
+
+    key = json.loads((tmp_path / "key.json").read_text())
+    votes = tmp_path / "votes.csv"
+    votes.write_text("id,vote\n" + "".join(f"{i},A\n" for i in key["candidate_side"]))
+    scored = _loraplex("eval", "score-votes", str(votes), "--key", str(tmp_path / "key.json"),
+                       "--out", str(tmp_path / "human.json"))  # fmt: skip
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    human = json.loads((tmp_path / "human.json").read_text())["summary"]
+    wins = sum(side == "A" for side in key["candidate_side"].values())
+    assert (human["wins"], human["losses"], human["ties"]) == (wins, 12 - wins, 0)
+
+    ranked = _loraplex(
+        "eval", "rank", "alpha", "beta", "", "--target", gateway.target, "--prompts", prompts,
+        "--sampling", "max_tokens=4", "--out", str(tmp_path / "rank.json"),
+    )  # fmt: skip
+    assert ranked.returncode == 0, ranked.stderr[-2000:]
+    ratings = json.loads((tmp_path / "rank.json").read_text())["ratings"]
+    assert {r["system"] for r in ratings} == {"alpha", "beta", "base"}
+    assert all(r["ci_low"] <= r["rating"] <= r["ci_high"] for r in ratings)
+
+    bad = _loraplex("eval", "compare", "--target", gateway.target, "--candidate", "alpha",
+                    "--prompts", prompts, "--judge", "no-such-judge")  # fmt: skip
+    assert bad.returncode == 2 and "unknown judge 'no-such-judge'" in bad.stderr

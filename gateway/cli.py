@@ -94,15 +94,14 @@ def tiny_model(
 
 @app.command()
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Where the tiny model is built.")] = Path(
-        "build/demo"
-    ),
-    adapters: Annotated[int, typer.Option(help="Number of adapters.")] = 4,
+    workdir: Annotated[
+        Path, typer.Option(help="Where the tiny model, training runs, registry and reports go.")
+    ] = Path("build/demo"),
 ) -> None:
-    """Build a tiny model + adapters, serve them fp8-quantized, query all, shut down."""
+    """The lifecycle on a tiny base: train a good and a bad adapter, gate both, serve the winner."""
     from gateway.demo import run_demo
 
-    raise typer.Exit(run_demo(workdir, adapters))
+    raise typer.Exit(run_demo(workdir))
 
 
 @app.command()

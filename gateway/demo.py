@@ -1,83 +1,246 @@
-"""`make demo`: tiny base + adapters, registered, served fp8-quantized, queried over gRPC.
+"""`make demo`: the whole adapter lifecycle on a tiny local base, in a few minutes on a CPU.
 
-Shows that adapters are registered as immutable versions and served by name, that requests
-for different adapters run together, that each adapter changes the output, and that a
-promotion and a rollback switch what a name serves. Exits non-zero if anything is off.
+1. train a good adapter (QLoRA SFT on the colors task) and a deliberately bad one (the same
+   questions with the answers shuffled across animals), in-process with trl + peft;
+2. serve the base fp8-quantized behind one gateway in registry mode, upload both as `colors`
+   candidates, and run the promotion gate (examples/colors/gate.yaml) on each: the good one
+   passes and is promoted to production, the bad one is blocked with the reasons;
+3. ask `colors` (production) the held-out prompts over gRPC, next to the blocked version and the
+   base, and show the registry's record and where the gate's reports are.
+
+Finished training runs are reused when their config and inputs did not change, so a second run
+skips training. Exits non-zero if anything is off.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
+import logging
+import os
 import shutil
 import time
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from gateway.client import AdapterClient, AsyncClient, Client, wait_until_serving
+from gateway.cli_adapters import _aliases, _size, _verdicts
+from gateway.client import AdapterClient, AsyncClient, wait_until_serving
 from gateway.process import free_port, kill, start_gateway, stop
 
-PROMPTS = ["The weather today is", "My favourite food is", "Once upon a time"]
-MAX_TOKENS = 12
+# The repository's examples/, or where an image put them (deploy/docker sets LORAPLEX_EXAMPLES).
+EXAMPLES = (
+    Path(os.environ.get("LORAPLEX_EXAMPLES") or Path(__file__).resolve().parents[1] / "examples")
+    / "colors"
+)
+NAME = "colors"
+PRODUCTION = "production"
+ACTOR = "demo"
+# The same sampling as the gate's preference comparison (examples/colors/gate.yaml).
+SAMPLING = {"temperature": 0.0, "max_tokens": 4, "stop": ["\n"]}
 
 
-async def _query_all(target: str, adapters: list[str]) -> dict[tuple[str, str], tuple[str, str]]:
-    async with AsyncClient(target) as client:
-        jobs = {
-            (adapter, prompt): client.generate(
-                prompt, adapter, temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True
-            )
-            for adapter in ["", *adapters]
-            for prompt in PROMPTS
-        }
-        replies = await asyncio.gather(*jobs.values())
+@dataclass(frozen=True)
+class Run:
+    """One of the demo's training runs."""
+
+    label: str  # good | bad
+    config: Path  # an examples/colors/*.yaml run config
+    what: str
+    expect: str  # the gate verdict it must get
+
+
+RUNS = (
+    Run("good", EXAMPLES / "qlora.yaml", "QLoRA SFT on the colors task (NF4 base)", "pass"),
+    Run("bad", EXAMPLES / "shuffled.yaml", "LoRA SFT on shuffled answers", "fail"),
+)
+
+
+# ---------------------------------------------------------------- training
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _inputs(config: Any) -> dict[str, Any]:
+    """What a run's result depends on besides its config: the base weights and the data."""
+    files = [f.path for f in config.data.train]
+    if config.data.eval_file is not None:
+        files.append(config.data.eval_file)
+    weights = sorted(Path(config.model.path).glob("*.safetensors"))
     return {
-        key: (reply.text, reply.adapter.name or "base")
-        for key, reply in zip(jobs, replies, strict=True)
+        "base": {p.name: _sha256(p) for p in weights},
+        "data": {str(p): _sha256(Path(p)) for p in files},
     }
 
 
-def _register_all(target: str, model: object, names: list[str]) -> None:
-    """Each tiny adapter becomes v1 of its name, forced to production (no eval suite here)."""
-    with AdapterClient(target, actor="demo") as registry:
-        for name in names:
-            registry.register(name, model.adapters[name], owner="demo")  # type: ignore[attr-defined]
-            registry.set_alias(name, "production", 1, expected=0, force=True, reason="demo")
+def _reusable(config: Any, adapter_dir: Path, stamp: Path) -> bool:
+    """A finished run of exactly this config, on the same base and data."""
+    from gateway.registry.fingerprint import base_fingerprint
+    from trainer.run import ADAPTER_FILES
+
+    if not all((adapter_dir / name).is_file() for name in (*ADAPTER_FILES, "manifest.json")):
+        return False
+    try:
+        manifest = json.loads((adapter_dir / "manifest.json").read_text())
+        inputs = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        manifest.get("config") == config.model_dump(mode="json")
+        and manifest.get("base_fingerprint") == base_fingerprint(Path(config.model.path))
+        and inputs == _inputs(config)
+    )
 
 
-def _promote_and_roll_back(target: str, model: object, console: Console) -> bool:
-    """`assistant` v1 (alpha's weights) in production; v2 (beta's) passes a gate and is
-    promoted; then rolled back. Returns whether each step served what it should."""
-    prompt = PROMPTS[0]
-    steps: list[tuple[str, int, str]] = []
-    with AdapterClient(target, actor="demo") as registry, Client(target) as client:
+def train_adapter(run: Run, base: Path, runs_dir: Path, echo: Callable[[str], None]) -> Path:
+    """The run's adapter folder: reused if it is up to date, trained otherwise."""
+    from trainer.config import load_config
+    from trainer.run import run_dirs, run_training
 
-        def ask(step: str) -> None:
-            reply = client.generate(prompt, "assistant", temperature=0.0, max_tokens=MAX_TOKENS)
-            steps.append((step, reply.adapter.version, reply.text))
+    out = runs_dir / run.label
+    config = load_config("sft", run.config, overrides=[f"model.path={base}", f"output_dir={out}"])
+    _, adapter_dir = run_dirs(config)
+    stamp = out / "demo-inputs.json"
+    if _reusable(config, adapter_dir, stamp):
+        echo(f"reusing the finished run {out} (same config, base and data)")
+        return adapter_dir
+    shutil.rmtree(out, ignore_errors=True)  # a stale or interrupted run: start over
+    started = time.monotonic()
+    result = run_training(config, echo=echo)
+    if result.adapter_dir is None:
+        raise RuntimeError(f"training of the {run.label} adapter was interrupted")
+    stamp.write_text(json.dumps(_inputs(config), indent=2) + "\n")
+    seconds = time.monotonic() - started
+    echo(f"trained the {run.label} adapter in {seconds:.0f}s ({result.global_step} steps)")
+    return result.adapter_dir
 
-        adapters = model.adapters  # type: ignore[attr-defined]
-        registry.register("assistant", adapters["alpha"], description="demo assistant")
-        registry.register("assistant", adapters["beta"], alias="candidate")
-        registry.set_alias("assistant", "production", 1, expected=0, force=True, reason="v1")
-        ask("v1 in production")
-        registry.record_evaluation("assistant", 2, "demo-gate", True, {"score": 1.0})
-        registry.set_alias("assistant", "production", 2, expected=1, reason="passed demo-gate")
-        ask("v2 promoted")
-        # v1 never passed an evaluation: rolling back to it is forced, with the reason kept
-        registry.set_alias("assistant", "production", 1, expected=2, reason="rollback", force=True)
-        ask("rolled back")
-    table = Table(title=f"'assistant' in production, prompt {prompt!r}")
-    for column in ("step", "served version", "output"):
+
+# ---------------------------------------------------------------- printing
+
+
+def _short(path: Path | str) -> str:
+    """A path relative to the working directory when it is below it."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _print_gate(console: Console, run: Run, result: Any) -> None:
+    report = result.report
+    ref = (report["candidate"] or {}).get("ref", NAME)
+    table = Table(title=f"gate on {ref} ({run.label}: {run.what})", title_justify="left")
+    for column in ("", "check", "detail"):
         table.add_column(column)
-    for step, version, text in steps:
-        table.add_row(step, f"v{version}", repr(text))
+    for check in report["checks"]:
+        mark = (
+            "[green]✓[/]"
+            if check["passed"]
+            else ("[red]✗[/]" if check["required"] else "[yellow]![/]")
+        )
+        name = check["name"] + ("" if check["required"] else " (optional)")
+        table.add_row(mark, Text(name), Text(check["detail"]))
     console.print(table)
-    (_, v1, first), (_, v2, second), (_, back, third) = steps
-    return (v1, v2, back) == (1, 2, 1) and first == third != second
+    colour = {"pass": "green", "fail": "red"}.get(result.verdict, "yellow")
+    promoted = "promoted to production" if result.promoted else "not promoted"
+    console.print(f"verdict: [bold {colour}]{result.verdict.upper()}[/], {promoted}")
+    if report["error"]:
+        console.print(Text(f"error: {report['error']}", style="red"))
+    if result.failed_checks:
+        names = "; ".join(check.name for check in result.failed_checks)
+        console.print(
+            Text(f"blocked by {len(result.failed_checks)} failed required checks: {names}")
+        )
+    if result.report_paths:
+        json_path, html_path = result.report_paths
+        console.print(Text(f"reports: {_short(html_path)}, {_short(json_path)}"))
+
+
+async def _ask(target: str, prompts: list[dict], systems: dict[str, str]) -> dict[tuple, Any]:
+    """Every prompt to every system at once: one batch, several adapters."""
+    async with AsyncClient(target) as client:
+        jobs = {
+            (label, row["id"]): client.generate(row["prompt"], reference, **SAMPLING)
+            for label, reference in systems.items()
+            for row in prompts
+        }
+        replies = await asyncio.gather(*jobs.values())
+    return dict(zip(jobs, replies, strict=True))
+
+
+def _served(reply: Any) -> str:
+    return f"{reply.adapter.name}@v{reply.adapter.version}" if reply.adapter.name else "base"
+
+
+def _print_answers(
+    console: Console, prompts: list[dict], systems: dict[str, str], replies: dict, elapsed: float
+) -> None:
+    table = Table(
+        title=f"held-out prompts, {len(replies)} concurrent requests over gRPC in {elapsed:.2f}s",
+        title_justify="left",
+    )
+    table.add_column("prompt")
+    table.add_column("reference")
+    for label in systems:
+        table.add_column(label, no_wrap=True, overflow="ellipsis", max_width=24)
+    for row in prompts:
+        question = row["prompt"].removeprefix("Q: ").removesuffix("\nA:")
+        cells = [Text(question), Text(row["reference"])]
+        for label in systems:
+            answer = replies[(label, row["id"])].text.strip()
+            ok = answer.lower() == row["reference"].strip().lower()
+            cells.append(Text(f"{'✓' if ok else '✗'} {answer}", style="green" if ok else "red"))
+        table.add_row(*cells)
+    scores = []
+    for label in systems:
+        right = sum(
+            replies[(label, r["id"])].text.strip().lower() == r["reference"].strip().lower()
+            for r in prompts
+        )
+        served = sorted({_served(replies[(label, r["id"])]) for r in prompts})
+        scores.append(f"{label}: {right}/{len(prompts)} right, served by {', '.join(served)}")
+    console.print(table)
+    for line in scores:
+        console.print(Text(f"  {line}"))
+
+
+def _print_registry(console: Console, registry: AdapterClient) -> None:
+    """The registry's record (`loraplex adapters show colors`), with the gate reports."""
+    adapter = registry.get(NAME)
+    table = Table(
+        title=f"the registry's record of {NAME} (loraplex adapters show {NAME}); "
+        f"aliases: {_aliases(adapter.aliases)}",
+        title_justify="left",
+    )
+    for column in ("version", "aliases", "evaluations", "gate report", "size", "sha256", "by"):
+        table.add_column(column)
+    for version in adapter.versions:
+        reports = [str(dict(e.report).get("report") or "-") for e in version.evaluations]
+        table.add_row(
+            f"v{version.version}",
+            ", ".join(version.aliases) or "-",
+            _verdicts(version),
+            Text(", ".join(_short(r) for r in reports) or "-"),
+            _size(version.size_bytes),
+            version.sha256[:12],
+            version.actor,
+        )
+    console.print(table)
+    for move in reversed(registry.history(NAME, PRODUCTION)):
+        before = f"v{move.from_version}" if move.from_version else "(none)"
+        console.print(
+            Text(f"  {PRODUCTION}: {before} -> v{move.to_version} by {move.actor}: {move.reason}")
+        )
 
 
 def _print_request_counts(metrics_port: int, console: Console) -> None:
@@ -92,24 +255,137 @@ def _print_request_counts(metrics_port: int, console: Console) -> None:
     lines = [line for line in text.splitlines() if line.startswith("loraplex_requests_total{")]
     console.print(f"per-adapter metrics at {url} (loraplex_requests_total):")
     for line in sorted(lines):
-        console.print(f"  {line}")
+        console.print(Text(f"  {line}"))
 
 
-def run_demo(workdir: Path, n_adapters: int) -> int:
+# ---------------------------------------------------------------- the demo
+
+
+def _quiet_libraries() -> None:
+    """Keep the console to the story: no dataset/weight-loading bars, no lm-eval chatter, no
+    bitsandbytes hint about an optional CPU kernel package (it falls back to its own)."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+
+
+def _lifecycle(
+    target: str, adapters: dict[str, Path], policy: Any, reports: Path, console: Console
+) -> list[str]:
+    """Upload, gate and promote; then query production. Returns what went wrong."""
+    from evalsuite.gate import run_gate
+
+    problems: list[str] = []
+    versions: dict[str, int] = {}
+    with AdapterClient(target, actor=ACTOR) as registry:
+        for run in RUNS:
+            version = registry.upload(
+                NAME,
+                adapters[run.label],
+                description="answers 'what color is the <animal>?' (demo)",
+                owner=ACTOR,
+                alias="candidate",
+                source=f"loraplex demo: {run.config.name}",
+                metadata={"demo_run": run.label, "config": str(run.config)},
+            )
+            versions[run.label] = version.version
+            console.rule(f"{NAME}@v{version.version}: the {run.label} adapter, as candidate")
+            console.print(
+                Text(f"uploaded {adapters[run.label]} as {NAME}@v{version.version} (candidate)")
+            )
+            started = time.monotonic()
+            result = run_gate(
+                target,
+                f"{NAME}@candidate",
+                policy,
+                out_dir=reports / f"{NAME}-v{version.version}",
+                promote=True,
+                actor=ACTOR,
+            )
+            console.print(f"gate ran in {time.monotonic() - started:.0f}s")
+            _print_gate(console, run, result)
+            gated = (result.report["candidate"] or {}).get("version")
+            if gated != version.version:
+                problems.append(f"the gate evaluated v{gated}, not the uploaded v{version.version}")
+            if run.expect == "pass" and not (result.verdict == "pass" and result.promoted):
+                problems.append(f"the {run.label} adapter was not passed and promoted")
+            if run.expect == "fail" and not (result.verdict == "fail" and not result.promoted):
+                problems.append(
+                    f"the {run.label} adapter was not blocked (verdict {result.verdict})"
+                )
+
+        console.rule(f"{NAME} in production")
+        production = registry.get(NAME).aliases.get(PRODUCTION)
+        if production != versions["good"]:
+            problems.append(f"production is v{production}, not the good v{versions['good']}")
+        prompts = [
+            json.loads(line)
+            for line in (EXAMPLES / "prompts.jsonl").read_text().splitlines()
+            if line.strip()
+        ]
+        systems = {
+            f"{NAME} (production)": NAME,
+            f"{NAME}@v{versions['bad']} (blocked)": f"{NAME}@v{versions['bad']}",
+            "base": "",
+        }
+        sent = time.monotonic()
+        replies = asyncio.run(_ask(target, prompts, systems))
+        _print_answers(console, prompts, systems, replies, time.monotonic() - sent)
+        served = {
+            (r.adapter.name, r.adapter.version)
+            for (label, _), r in replies.items()
+            if label.endswith("(production)")
+        }
+        if served != {(NAME, versions["good"])}:
+            problems.append(f"'{NAME}' was served by {sorted(served)}, not v{versions['good']}")
+        _print_registry(console, registry)
+    return problems
+
+
+def run_demo(workdir: Path) -> int:
     """The whole demo; returns the process exit code."""
+    console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = 120  # a log file or pipe: rich's default 80 columns squeezes the tables
+    started = time.monotonic()
+    if not (EXAMPLES / "gate.yaml").is_file():
+        console.print(f"[red]demo failed:[/] needs the repository's examples ({EXAMPLES})")
+        return 1
+    _quiet_libraries()
+    from evalsuite.policy import load_policy
     from trainer.tiny import build_tiny_model
 
-    console = Console()
-    started = time.monotonic()
+    workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    model = build_tiny_model(workdir / "tiny", adapters=n_adapters)
-    names = sorted(model.adapters)
-    console.print(f"[bold]tiny model[/] {model.base} with adapters {', '.join(names)}")
+    model = build_tiny_model(workdir / "tiny")
+    console.print(Text(f"tiny base model: {model.base}"))
+
+    def echo(line: str) -> None:
+        console.print(Text(line))
+
+    adapters: dict[str, Path] = {}
+    try:
+        policy = load_policy(EXAMPLES / "gate.yaml")
+        for run in RUNS:
+            console.rule(f"training the {run.label} adapter: {run.what}")
+            adapters[run.label] = train_adapter(run, model.base, workdir / "runs", echo)
+    except (OSError, RuntimeError, ValueError) as exc:  # config, data, policy, run errors
+        console.print(Text(f"demo failed: {exc}", style="red"))
+        return 1
+    console.print(f"adapters ready after {time.monotonic() - started:.0f}s")
+
     port, metrics_port = free_port(), free_port()
     target = f"127.0.0.1:{port}"
     log_path = workdir / "gateway.log"
-    registry_dir = workdir / "registry"
-    shutil.rmtree(registry_dir, ignore_errors=True)  # a fresh registry every run
+    registry_dir, reports = workdir / "registry", workdir / "reports"
+    shutil.rmtree(registry_dir, ignore_errors=True)  # a fresh registry (and reports) every run
+    shutil.rmtree(reports, ignore_errors=True)
+    console.rule("serving")
     proc = start_gateway(
         [
             "--model",
@@ -130,42 +406,34 @@ def run_demo(workdir: Path, n_adapters: int) -> int:
         log_path,
     )
     try:
-        console.print(f"starting gateway on {target} (fp8 base; log: {log_path}) ...")
-        wait_until_serving(target, timeout=240, alive=lambda: proc.poll() is None)
+        console.print(
+            Text(f"starting gateway on {target} (fp8 base, registry mode; log: {log_path}) ...")
+        )
+        wait_until_serving(target, timeout=300, alive=lambda: proc.poll() is None)
         console.print(f"gateway SERVING after {time.monotonic() - started:.0f}s")
-        _register_all(target, model, names)
-        console.print(f"registered {len(names)} adapters (v1 of each, in production)")
-        sent = time.monotonic()
-        results = asyncio.run(_query_all(target, names))
-        elapsed = time.monotonic() - sent
-        promoted_ok = _promote_and_roll_back(target, model, console)
-    except (OSError, RuntimeError, TimeoutError, grpc.RpcError) as exc:
-        console.print(f"[red]demo failed:[/] {exc}; gateway log: {log_path}")
+        problems = _lifecycle(target, adapters, policy, reports, console)
+        _print_request_counts(metrics_port, console)
+    except (OSError, RuntimeError, TimeoutError, ValueError, grpc.RpcError) as exc:
+        console.print(Text(f"demo failed: {exc}; gateway log: {log_path}", style="red"))
         kill(proc)
         return 1
+    except BaseException:
+        kill(proc)  # never leave a gateway behind (Ctrl-C, bugs)
+        raise
 
-    table = Table(title=f"{len(results)} concurrent requests over gRPC in {elapsed:.2f}s")
-    table.add_column("prompt")
-    for adapter in ["base", *names]:
-        table.add_column(adapter)
-    for prompt in PROMPTS:
-        row = [results[(a, prompt)][0] for a in ["", *names]]
-        table.add_row(prompt, *[repr(text) for text in row])
-    console.print(table)
-    _print_request_counts(metrics_port, console)
-
-    distinct = {tuple(results[(a, p)][0] for p in PROMPTS) for a in ["", *names]}
-    served_ok = all(results[(a, p)][1] == (a or "base") for a in ["", *names] for p in PROMPTS)
     code = stop(proc, timeout=60)
     console.print(
         f"gateway exited with {code} after SIGTERM; total {time.monotonic() - started:.0f}s"
     )
-    if len(distinct) != len(names) + 1 or not served_ok or code != 0:
-        console.print("[red]FAILED[/]: adapters must differ from the base and each other")
+    if code != 0:
+        problems.append(f"the gateway exited with {code}")
+    if problems:
+        for problem in problems:
+            console.print(Text(f"FAILED: {problem}", style="red"))
         return 1
-    if not promoted_ok:
-        console.print("[red]FAILED[/]: promotion / rollback did not switch the served version")
-        return 1
-    console.print("[green]OK[/]: every adapter answered differently from the base and the others;")
-    console.print("[green]OK[/]: the promotion served v2 at once, the rollback v1 again")
+    console.print(
+        "[green]OK[/]: the good adapter passed the gate and serves as production; "
+        "the bad one was blocked with its reasons"
+    )
+    console.print(Text(f"gate reports: {_short(reports)}/{NAME}-v*/report.html (and report.json)"))
     return 0

@@ -66,7 +66,10 @@ def gate(
         _fail(str(exc), EXIT_ERROR)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out = out or Path("gate-reports") / f"{adapter.replace('@', '-')}-{stamp}"
-    result = run_gate(target, adapter, gate_policy, out, promote=promote, actor=actor)
+    try:
+        result = run_gate(target, adapter, gate_policy, out, promote=promote, actor=actor)
+    except Exception as exc:  # noqa: BLE001  (run_gate maps evaluation failures; the rest: error)
+        _fail(f"gate failed: {type(exc).__name__}: {exc}", EXIT_ERROR)
     report = result.report
     typer.echo(
         f"verdict: {result.verdict.upper()} for {(report['candidate'] or {}).get('ref', adapter)}"
@@ -131,7 +134,10 @@ def _print_summary(label: str, summary: dict) -> None:
 def compare(
     candidate: Annotated[str, typer.Option(help="Candidate reference (NAME@ALIAS, NAME@vN).")],
     prompts: Annotated[Path, typer.Option(help="JSONL prompts (prompt, id, reference).")],
-    baseline: Annotated[str, typer.Option(help="Baseline reference ('' = base).")] = "",
+    baseline: Annotated[
+        str,
+        typer.Option(help="Baseline: production (the candidate's), base, or any reference."),
+    ] = "production",
     judge: Annotated[str, typer.Option(help="exact_match, rouge_l, reward_model, llm_judge.")] = (
         "exact_match"
     ),
@@ -161,6 +167,10 @@ def compare(
         _fail("--export-human needs --key (kept away from the raters)", EXIT_ERROR)
     options = _options(judge_option, "--judge-option")
     sampling_options = {"temperature": 0.0, "max_tokens": 64} | _options(sampling, "--sampling")
+    if baseline == "production":
+        baseline = f"{candidate.partition('@')[0]}@production"
+    elif baseline == "base":
+        baseline = ""
     try:
         if judge == "llm_judge":
             options.setdefault("target", target)

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 Verdict = Literal["pass", "fail", "error"]
 SUITE = "gate"
 PRODUCTION = "production"
+REGISTRY_TIMEOUT_S = 60.0  # a hung registry call must end the gate (as an error), not hang it
 BOOTSTRAP_ITERS = 1000  # lm-eval's stderr estimates; its default (100k) is slow and not used here
 
 
@@ -63,11 +64,15 @@ class GateResult:
 
 
 def split_reference(reference: str) -> tuple[str, str]:
-    """("name", "alias" or "vN") of NAME@ALIAS / NAME@vN; a bare NAME means NAME@candidate."""
+    """("name", "alias" or "vN") of NAME@ALIAS / NAME@vN. A bare NAME is refused: the gateway
+    reads it as production, a gate would mean the candidate; the caller must say which."""
     name, _, selector = reference.partition("@")
-    if not name:
-        raise EvalInputError(f"adapter reference {reference!r} has no name (NAME@candidate)")
-    return name, selector or "candidate"
+    if not name or not selector:
+        raise EvalInputError(
+            f"adapter reference {reference!r}: name the version to gate, e.g. NAME@candidate "
+            "or NAME@v3"
+        )
+    return name, selector
 
 
 def resolve_versions(registry: AdapterClient, reference: str) -> tuple[str, int, int | None]:
@@ -159,14 +164,10 @@ def benchmark_checks(
     ):
         if allowed is None:
             continue
-        name = f"{label} vs {role}"
-        reference = scores.get(role, {}).get(key)
-        if reference is None:
-            skipped = f"skipped: no {role} version yet"
-            out.append(
-                Check(name, f"benchmark_vs_{role}", check.required, True, value, None, skipped)
-            )
-            continue
+        name, against = f"{label} vs {role}", role
+        if role == "production" and role not in scores:
+            against = "base"  # no production yet: a first version must not regress from the base
+        reference = scores[against][key]
         budget = allowed * abs(reference) if check.relative else allowed
         moved = _regression(value, reference, higher_is_better)
         unit = f" ({allowed:.0%} of {reference:.4g})" if check.relative else ""
@@ -178,7 +179,7 @@ def benchmark_checks(
                 moved <= budget,
                 value,
                 budget,
-                f"{value:.4g} vs {role} {reference:.4g}: regression {moved:.4g}, "
+                f"{value:.4g} vs {against} {reference:.4g}: regression {moved:.4g}, "
                 f"allowed {budget:.4g}{unit}",
             )
         )
@@ -263,9 +264,11 @@ def run_gate(
         "promotion": {"requested": promote, "done": False},
     }
     result = GateResult("error", report)
-    registry = AdapterClient(target, actor=actor)
+    registry = AdapterClient(target, actor=actor, timeout=REGISTRY_TIMEOUT_S)
     name = version = None
     try:
+        if promote and policy.limit is not None:
+            raise EvalInputError("a policy with `limit` is a smoke run: it cannot --promote")
         name, version, production = resolve_versions(registry, adapter)
         report["adapter"] = name
         report["candidate"] = {"ref": f"{name}@v{version}", "version": version}
@@ -298,12 +301,13 @@ def _evaluate(
 ) -> list[Check]:
     """Run what the policy asks for, fill the report, return the checks."""
     systems = {"candidate": f"{name}@v{version}"}
-    if production is not None and any(
-        b.max_regression_vs_production is not None for b in policy.benchmarks
+    vs_production = any(b.max_regression_vs_production is not None for b in policy.benchmarks)
+    if production is not None:
+        systems["production"] = f"{name}@v{production}"  # every chart compares with it
+    if any(b.max_regression_vs_base is not None for b in policy.benchmarks) or (
+        vs_production and production is None
     ):
-        systems["production"] = f"{name}@v{production}"
-    if any(b.max_regression_vs_base is not None for b in policy.benchmarks):
-        systems["base"] = ""
+        systems["base"] = ""  # with no production yet, the base stands in for it
     scores: dict[str, dict[str, float]] = {}
     directions: dict[str, bool] = {}
     if policy.benchmarks:
@@ -342,32 +346,41 @@ def _record_and_promote(
     promote: bool,
     out_dir: Path | None,
 ) -> None:
-    """Write the report, record the verdict on the version, promote on pass (compare-and-swap)."""
+    """Write the report, record the verdict on the version, promote on pass (compare-and-swap),
+    then write the report again with what happened. No report on disk: no record, no promotion."""
     from evalsuite.report import write_report
 
     report = result.report
     html = out_dir / "report.html" if out_dir is not None else None
-    if name is not None and version is not None:
-        summary = {
-            k: report[k]
-            for k in ("verdict", "error", "candidate", "production", "benchmarks", "checks")
-        }
-        if report["preference"]:
-            summary["preference"] = {
-                k: report["preference"][k]
-                for k in ("judge", "candidate_version", "baseline_version", "summary")
-            }
-        summary["report"] = str(html) if html else None
+    if out_dir is not None:
         try:
-            # The registry keeps pass / fail: an error is recorded as not passed; the report
-            # says why.
-            passed = result.verdict == "pass"
-            registry.record_evaluation(name, version, SUITE, passed, summary)
-        except grpc.RpcError as exc:
-            log.error("could not record the verdict: %s", _describe_failure(exc, "registry"))
-            if result.verdict == "pass":
-                result.verdict = report["verdict"] = "error"
-                report["error"] = f"verdict not recorded: {_describe_failure(exc, 'registry')}"
+            result.report_paths = write_report(report, out_dir)
+        except OSError as exc:
+            result.verdict = report["verdict"] = "error"
+            report["error"] = f"cannot write the report to {out_dir}: {exc}"
+            return
+    if name is None or version is None:
+        return  # nothing resolved: no version to record on
+    summary = {
+        k: report[k]
+        for k in ("verdict", "error", "candidate", "production", "benchmarks", "checks")
+    }
+    if report["preference"]:
+        summary["preference"] = {
+            k: report["preference"][k]
+            for k in ("judge", "candidate_version", "baseline_version", "summary")
+        }
+    summary["report"] = str(html) if html else None
+    try:
+        # The registry keeps pass / fail: an error is recorded as not passed; the report says why.
+        registry.record_evaluation(name, version, SUITE, result.verdict == "pass", summary)
+        report["recorded"] = True
+    except grpc.RpcError as exc:
+        report["recorded"] = False
+        report["record_error"] = _describe_failure(exc, "registry")
+        if result.verdict == "pass":
+            result.verdict = report["verdict"] = "error"
+            report["error"] = f"verdict not recorded: {report['record_error']}"
     if promote and result.verdict == "pass":
         production = (report["production"] or {}).get("version")
         try:
@@ -379,4 +392,7 @@ def _record_and_promote(
         except grpc.RpcError as exc:
             report["promotion"]["error"] = _describe_failure(exc, "registry")
     if out_dir is not None:
-        result.report_paths = write_report(report, out_dir)
+        try:
+            result.report_paths = write_report(report, out_dir)
+        except OSError as exc:  # the first write worked; the record and alias are what count
+            log.error("could not rewrite the report after recording: %s", exc)

@@ -25,6 +25,8 @@ from lm_eval.models.utils import handle_stop_sequences, maybe_truncate, normaliz
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from evalsuite.errors import EvalError, EvalInputError
+from evalsuite.fanout import check_finished, served_version
 from gateway.client import _SAMPLING, AsyncClient, Client
 from loraplex.v1 import generation_pb2 as pb
 
@@ -63,7 +65,7 @@ class LoraplexLM(TemplateLM):
         with Client(target) as client:
             info = client.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout)
         if not info.HasField("eos_token"):
-            raise ValueError(f"the base model at {target} has no EOS token")
+            raise EvalInputError(f"the base model at {target} has no EOS token")
         self.eos = (info.eos_token.id, info.eos_token.text)
         self.bos = (info.bos_token.id, info.bos_token.text) if info.HasField("bos_token") else None
         self._max_length = int(max_length or info.max_context_length)
@@ -156,8 +158,7 @@ class LoraplexLM(TemplateLM):
         return asyncio.run(main())
 
     def _note_version(self, response: pb.GenerateResponse) -> None:
-        a = response.adapter
-        self.served_versions.add(f"{a.name}@v{a.version}" if a.name else "base")
+        self.served_versions.add(served_version(response.adapter))
 
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[Scored]:
         self._prefetch(k for r in requests for k in self._pair_keys(*r.args))
@@ -168,6 +169,11 @@ class LoraplexLM(TemplateLM):
     ) -> list[Scored]:
         async def score(client: AsyncClient, request: LoglikelihoodRequest) -> Scored:
             _, context, continuation = request
+            if len(continuation) > self.max_length - 2:
+                raise EvalInputError(
+                    f"a continuation of {len(continuation)} tokens does not fit the context "
+                    f"({self.max_length} tokens, one for the context, one generated)"
+                )
             # Room for the one generated token the engine insists on.
             tokens = (context + continuation)[-(self.max_length - 1) :]
             context_len = len(tokens) - len(continuation)
@@ -179,8 +185,16 @@ class LoraplexLM(TemplateLM):
                 temperature=0.0,
                 prompt_logprobs=0,
             )
+            check_finished(response, self.adapter)
             self._note_version(response)
-            scored = response.prompt_logprobs[max(context_len, 1) :]
+            if len(response.prompt_logprobs) != len(tokens):
+                raise EvalError(
+                    f"the gateway returned {len(response.prompt_logprobs)} prompt logprobs for "
+                    f"{len(tokens)} prompt tokens"
+                )
+            scored = response.prompt_logprobs[context_len:]
+            if not all(t.HasField("logprob") for t in scored):
+                raise EvalError("the gateway returned a prompt token without its logprob")
             return sum(t.logprob for t in scored), all(t.rank == 1 for t in scored)
 
         results = self._run_all(score, requests, "loglikelihood (gateway)", disable_tqdm)
@@ -202,7 +216,8 @@ class LoraplexLM(TemplateLM):
                 get_rolling_token_windows(
                     token_list=self.tok_encode(text),
                     prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length - 1,
+                    # one context token + up to max_length - 2 scored tokens, + 1 generated
+                    max_seq_len=self.max_length - 2,
                     context_len=1,
                 ),
             ):
@@ -219,13 +234,14 @@ class LoraplexLM(TemplateLM):
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
         self._prefetch((r.args[0], self._special(r.args[0], None)) for r in requests)
+        contexts = {r.args[0]: self.tok_encode(r.args[0]) for r in requests}  # before the loop
 
         async def generate(client: AsyncClient, request: Instance) -> str:
             context, gen_kwargs = request.args
             options = normalize_gen_kwargs(gen_kwargs, default_max_gen_toks=self.max_gen_toks)
             until = handle_stop_sequences(options.get("until"), eos=self.eos[1])
             tokens, max_tokens = maybe_truncate(
-                self.tok_encode(context),
+                contexts[context],
                 max_gen_toks=int(options["max_gen_toks"]),
                 max_model_len=self.max_length,
             )
@@ -243,6 +259,7 @@ class LoraplexLM(TemplateLM):
                 stop=until,
                 **sampling,
             )
+            check_finished(response, self.adapter)
             self._note_version(response)
             return response.text
 

@@ -181,9 +181,25 @@ def load_reward_model(
     return PeftModel.from_pretrained(base, adapter_dir).eval(), tokenizer
 
 
+def load_sequence_classifier(
+    model_dir: Path, dtype: str = "float32"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Any local one-output sequence-classification model (a reward model not made here)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, dtype=getattr(torch, dtype)
+    )
+    if model.config.num_labels != 1:
+        raise ValueError(f"{model_dir} has {model.config.num_labels} outputs; a reward model has 1")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
+
+
 @torch.inference_mode()
 def reward_scores(
-    model: PeftModel,
+    model: PreTrainedModel | PeftModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     completions: list[str],

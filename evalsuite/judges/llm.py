@@ -66,7 +66,11 @@ class LLMJudge(Judge):
         timeout: float | None = None,
         progress: bool = True,
         generate: GenerateFn | None = None,
+        max_unparseable: float = 0.2,
     ) -> None:
+        if not 0 <= max_unparseable < 1:
+            raise EvalInputError("llm_judge: max_unparseable must be in [0, 1)")
+        self.max_unparseable = float(max_unparseable)
         if template is not None and template_file is not None:
             raise EvalInputError("llm_judge: give template or template_file, not both")
         if template_file is not None:
@@ -133,6 +137,15 @@ class LLMJudge(Judge):
             raise EvalError(f"the judge {self.adapter!r} was served by several versions {versions}")
         pairs_of_replies = zip(asked, replies[0::2], replies[1::2], strict=True)
         by_id = {p.id: (first, second) for p, first, second in pairs_of_replies}
+        unparseable = sum(self.verdict(r.text) is None for r in replies)
+        if replies and unparseable / len(replies) > self.max_unparseable:
+            # A judge that cannot answer would turn every pair into a tie (win rate 0.5): that is
+            # a broken judge, not evidence.
+            raise EvalError(
+                f"the judge {self.adapter or 'base'!r} gave no A/B verdict in {unparseable} of "
+                f"{len(replies)} replies (allowed: {self.max_unparseable:.0%}); e.g. "
+                f"{next(r.text for r in replies if self.verdict(r.text) is None)!r}"
+            )
         return [self._judgement(p, by_id.get(p.id)) for p in pairs]
 
     def _judgement(self, pair: Pair, replies: tuple[Any, Any] | None) -> Judgement:
@@ -158,6 +171,7 @@ class LLMJudge(Judge):
             "template": self.template,
             "template_format": self.template_format,
             "parse": self.parse,
+            "max_unparseable": self.max_unparseable,
             **self.options,
         }
 

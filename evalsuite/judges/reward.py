@@ -20,8 +20,9 @@ if TYPE_CHECKING:
 class RewardModelJudge(Judge):
     """Higher reward wins; rewards within `tolerance` tie, identical answers always tie.
 
-    path: the adapter folder the trainer's `reward` method saved; base: the base folder (default:
-    the one recorded in the adapter's config). The model loads on first use, in a thread."""
+    path: the adapter folder the trainer's `reward` method saved (base: its base folder, default
+    the one recorded in the adapter's config), or any local HF sequence-classification model
+    folder with one output. The model loads on first use, in a thread."""
 
     name = "reward_model"
 
@@ -35,8 +36,11 @@ class RewardModelJudge(Judge):
     ) -> None:
         self.path = Path(path)
         self.base = Path(base) if base is not None else None
-        if not (self.path / "adapter_config.json").is_file():
-            raise EvalInputError(f"reward_model: {self.path} is not an adapter folder")
+        self.is_adapter = (self.path / "adapter_config.json").is_file()
+        if not self.is_adapter and not (self.path / "config.json").is_file():
+            raise EvalInputError(
+                f"reward_model: {self.path} is neither a reward adapter folder nor a model folder"
+            )
         if self.base is not None and not (self.base / "config.json").is_file():
             raise EvalInputError(f"reward_model: {self.base} is not a model folder")
         if batch_size < 1 or tolerance < 0:
@@ -46,10 +50,14 @@ class RewardModelJudge(Judge):
 
     def scores(self, prompts: list[str], answers: list[str]) -> list[float]:
         """Rewards of (prompt, answer) pairs, as the trainer's RewardTrainer scored them."""
-        from trainer.modeling import load_reward_model, reward_scores
+        from trainer.modeling import load_reward_model, load_sequence_classifier, reward_scores
 
         if self._loaded is None:
-            self._loaded = load_reward_model(self.path, self.base, self.dtype)
+            self._loaded = (
+                load_reward_model(self.path, self.base, self.dtype)
+                if self.is_adapter
+                else load_sequence_classifier(self.path, self.dtype)
+            )
         model, tokenizer = self._loaded
         return reward_scores(model, tokenizer, prompts, answers, batch_size=self.batch_size)
 

@@ -85,26 +85,26 @@ def _verdicts(registry: AdapterClient, name: str) -> dict[int, list[int]]:
 
 def test_gate_passes_the_good_adapter_and_blocks_the_bad_one(gateway, adapters, tmp_path):
     with AdapterClient(gateway.target, actor="tests") as registry:
-        registry.upload("colors", adapters["good"], alias="candidate")
-        passed = _gate(gateway.target, "colors@candidate", tmp_path / "good", "--promote")
+        registry.upload("gate-colors", adapters["good"], alias="candidate")
+        passed = _gate(gateway.target, "gate-colors@candidate", tmp_path / "good", "--promote")
         assert passed.returncode == 0, passed.stdout[-3000:] + passed.stderr[-3000:]
-        assert "verdict: PASS for colors@v1" in passed.stdout
-        assert "promoted: colors production -> v1" in passed.stdout
-        assert registry.get("colors").aliases["production"] == 1
+        assert "verdict: PASS for gate-colors@v1" in passed.stdout
+        assert "promoted: gate-colors production -> v1" in passed.stdout
+        assert registry.get("gate-colors").aliases["production"] == 1
 
-        registry.upload("colors", adapters["bad"], alias="candidate")
-        blocked = _gate(gateway.target, "colors@candidate", tmp_path / "bad", "--promote")
+        registry.upload("gate-colors", adapters["bad"], alias="candidate")
+        blocked = _gate(gateway.target, "gate-colors@candidate", tmp_path / "bad", "--promote")
         assert blocked.returncode == 1, blocked.stdout[-3000:] + blocked.stderr[-3000:]
-        assert "verdict: FAIL for colors@v2" in blocked.stdout
+        assert "verdict: FAIL for gate-colors@v2" in blocked.stdout
         assert "[FAIL] colors_qa exact_match >= 0.5" in blocked.stdout
         assert "[FAIL] colors_qa exact_match vs production" in blocked.stdout
         assert "[FAIL] win rate CI low >= 0.5" in blocked.stdout
         assert "not promoted: verdict fail" in blocked.stderr + blocked.stdout
 
-        adapter = registry.get("colors")
+        adapter = registry.get("gate-colors")
         assert dict(adapter.aliases) == {"production": 1, "candidate": 2}
-        assert _verdicts(registry, "colors") == {1: [apb.VERDICT_PASS], 2: [apb.VERDICT_FAIL]}
-        moves = registry.history("colors", "production")
+        assert _verdicts(registry, "gate-colors") == {1: [apb.VERDICT_PASS], 2: [apb.VERDICT_FAIL]}
+        moves = registry.history("gate-colors", "production")
         assert [(m.from_version, m.to_version) for m in moves] == [(0, 1)]
 
     good = json.loads((tmp_path / "good" / "report.json").read_text())
@@ -113,8 +113,8 @@ def test_gate_passes_the_good_adapter_and_blocks_the_bad_one(gateway, adapters, 
     assert all(c["passed"] for c in good["checks"])
     scores = {b["task"]: b["scores"] for b in bad["benchmarks"]}
     assert scores["colors_qa"]["candidate"] < 0.5 <= scores["colors_qa"]["production"]
-    assert bad["preference"]["baseline_version"] == "colors@v1"
-    assert bad["preference"]["candidate_version"] == "colors@v2"
+    assert bad["preference"]["baseline_version"] == "gate-colors@v1"
+    assert bad["preference"]["candidate_version"] == "gate-colors@v2"
     html = (tmp_path / "bad" / "report.html").read_text()
     assert "colors_qa" in html and "<svg" in html
 
@@ -132,13 +132,16 @@ def test_errors_are_verdict_error_exit_2_and_promote_nothing(gateway, adapters, 
     with AdapterClient(gateway.target, actor="tests") as registry:
         registry.upload("colors-err", adapters["good"], alias="candidate")
 
-        down = _gate(f"127.0.0.1:{free_port()}", "colors-err@candidate", tmp_path / "down")
+        down = _gate(f"127.0.0.1:{free_port()}", "colors-err@candidate", tmp_path / "down",
+                     "--promote")  # fmt: skip
         assert down.returncode == 2 and "UNAVAILABLE" in down.stderr, down.stderr[-2000:]
 
-        missing = _gate(gateway.target, "no-such-adapter@candidate", tmp_path / "missing")
+        missing = _gate(gateway.target, "no-such-adapter@candidate", tmp_path / "missing",
+                        "--promote")  # fmt: skip
         assert missing.returncode == 2 and "NOT_FOUND" in missing.stderr, missing.stderr[-2000:]
 
-        no_alias = _gate(gateway.target, "colors-err@staging", tmp_path / "no-alias")
+        no_alias = _gate(gateway.target, "colors-err@staging", tmp_path / "no-alias",
+                         "--promote")  # fmt: skip
         assert no_alias.returncode == 2 and "has no alias 'staging'" in no_alias.stderr
 
         broken_judge = _write_policy(
@@ -159,7 +162,9 @@ def test_errors_are_verdict_error_exit_2_and_promote_nothing(gateway, adapters, 
 
         typo = tmp_path / "typo.yaml"
         typo.write_text("benchmarks:\n  - {task: colors_qa, metric: exact_match, treshold: 1}\n")
-        bad_policy = _gate(gateway.target, "colors-err@candidate", tmp_path / "typo", policy=typo)
+        bad_policy = _gate(
+            gateway.target, "colors-err@candidate", tmp_path / "typo", "--promote", policy=typo
+        )
         assert bad_policy.returncode == 2 and "did you mean 'threshold'" in bad_policy.stderr
 
         adapter = registry.get("colors-err")
@@ -249,8 +254,9 @@ def test_compare_rank_and_human_votes_from_the_command_line(gateway, tiny_model,
     adapters: the human votes go through the key into the same statistics."""
     prompts = str(EXAMPLES / "prompts.jsonl")
     compared = _loraplex(
-        "eval", "compare", "--target", gateway.target, "--candidate", "alpha", "--baseline", "",
-        "--prompts", prompts, "--judge", "rouge_l", "--sampling", "max_tokens=4",
+        "eval", "compare", "--target", gateway.target, "--candidate", "alpha@v1",
+        "--baseline", "base", "--prompts", prompts, "--judge", "rouge_l",
+        "--sampling", "max_tokens=4",
         "--out", str(tmp_path / "cmp.json"), "--export-human", str(tmp_path / "raters"),
         "--key", str(tmp_path / "key.json"),
     )  # fmt: skip
@@ -258,8 +264,9 @@ def test_compare_rank_and_human_votes_from_the_command_line(gateway, tiny_model,
     result = json.loads((tmp_path / "cmp.json").read_text())
     assert result["candidate_version"] == "alpha@v1" and result["baseline_version"] == "base"
     assert len(result["pairs"]) == result["summary"]["n"] == 12
-    rows = (tmp_path / "raters" / "pairs.csv").read_text()
-    assert "alpha" not in rows and "base" not in rows.split("\n")[0]  # blinded
+    for export in ("pairs.csv", "pairs.jsonl"):  # blinded: no system or version anywhere
+        text = (tmp_path / "raters" / export).read_text()
+        assert not any(word in text for word in ("alpha", "@v1", "candidate", "baseline"))
 
     key = json.loads((tmp_path / "key.json").read_text())
     votes = tmp_path / "votes.csv"

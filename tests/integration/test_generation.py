@@ -218,7 +218,7 @@ def test_tokenize_matches_hf_and_model_info(gateway, hf, tiny_model):
     assert info.max_context_length == MAX_MODEL_LEN
     assert info.dtype == "float32" and info.quantization == "none"
     assert info.vocab_size == hf.tokenizer.vocab_size or info.vocab_size == len(hf.tokenizer)
-    assert {a.name for a in info.adapters} == set(tiny_model.adapters)
+    assert set(tiny_model.adapters) <= {a.name for a in info.adapters}  # others register too
     ranks = {a.name: a.rank for a in info.adapters}
     assert len(set(ranks.values())) > 1
     assert info.engine.startswith("vllm")

@@ -292,7 +292,7 @@ def test_reward_judge_higher_reward_wins_with_tolerance_and_identical_ties(tmp_p
         "identical": False,
     }
     assert judgements[3].detail["identical"] is True
-    with pytest.raises(EvalInputError, match="is not an adapter folder"):
+    with pytest.raises(EvalInputError, match="neither a reward adapter folder nor a model folder"):
         make_judge("reward_model", path=tmp_path / "nothing")
 
 
@@ -348,11 +348,20 @@ def test_llm_judge_parsing_first_token_regex_and_unparseable():
     custom = LLMJudge(parse=r"Winner:\s*(\w+)", generate=FakeGateway().generate)
     assert custom.verdict("A is long. Winner: b") == "B"
     assert custom.verdict("Winner: neither") is None
-    # Unparseable replies are ties, and do not stop the run.
-    fake = FakeGateway(answer=lambda prompt, adapter: "I cannot decide")
-    judge = LLMJudge(adapter="judge", generate=fake.generate, progress=False)
-    judgement = judge_now(judge, [pair("1", "x", "y")])[0]
-    assert judgement.outcome == 0.5 and judgement.detail["candidate_as_a"]["verdict"] is None
+    # A few unparseable replies are ties; a judge that mostly cannot answer is an error (else
+    # every pair would tie and a win rate of 0.5 would look like evidence).
+    replies = iter(["I cannot decide", "B", "A", "A", "A", "B"])
+    fake = FakeGateway(answer=lambda prompt, adapter: next(replies))
+    judge = LLMJudge(adapter="judge", generate=fake.generate, progress=False, concurrency=1,
+                     max_unparseable=0.2)  # fmt: skip
+    judgements = judge_now(judge, [pair("1", "x", "y"), pair("2", "x", "z"), pair("3", "w", "y")])
+    assert (
+        judgements[0].outcome == 0.5 and judgements[0].detail["candidate_as_a"]["verdict"] is None
+    )
+    mute = FakeGateway(answer=lambda prompt, adapter: "I cannot decide")
+    broken = LLMJudge(adapter="judge", generate=mute.generate, progress=False)
+    with pytest.raises(EvalError, match="gave no A/B verdict in 2 of 2 replies"):
+        judge_now(broken, [pair("1", "x", "y")])
     with pytest.raises(EvalInputError, match="parse is not a valid regex"):
         LLMJudge(parse="(unclosed")
 

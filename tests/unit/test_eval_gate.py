@@ -103,10 +103,11 @@ def test_relative_regression_against_the_base_catches_forgetting():
     assert "allowed 10 (10% of 100)" in forgot.detail
 
 
-def test_no_production_yet_skips_the_comparison_with_it():
+def test_with_no_production_yet_a_first_version_must_not_regress_from_the_base():
     check = _check(max_regression_vs_production=0.0)
-    (result,) = benchmark_checks(check, {"candidate": {check.key: 0.1}}, True)
-    assert result.passed and result.detail == "skipped: no production version yet"
+    scores = {"candidate": {check.key: 0.1}, "base": {check.key: 0.3}}
+    (result,) = benchmark_checks(check, scores, True)
+    assert not result.passed and result.detail.startswith("0.1 vs base 0.3: regression 0.2")
 
 
 def test_preference_check_uses_the_intervals_lower_bound():
@@ -136,6 +137,15 @@ def test_exit_codes(verdict, requested, promoted, code):
 def test_adapter_references():
     assert split_reference("colors@candidate") == ("colors", "candidate")
     assert split_reference("colors@v3") == ("colors", "v3")
-    assert split_reference("colors") == ("colors", "candidate")
-    with pytest.raises(EvalInputError, match="has no name"):
-        split_reference("@v1")
+    for bare in ("colors", "@v1", "colors@"):  # the gateway reads a bare name as production
+        with pytest.raises(EvalInputError, match="name the version to gate"):
+            split_reference(bare)
+
+
+def test_importing_evalsuite_keeps_lm_evals_own_models():
+    """lm-eval loads its built-in models only into an empty registry: ours must not hide them."""
+    from lm_eval.api.registry import model_registry
+
+    import evalsuite  # noqa: F401
+
+    assert {"loraplex", "hf", "vllm"} <= set(model_registry)

@@ -205,25 +205,37 @@ def preference_check(policy: GatePolicy, summary: dict[str, Any]) -> Check:
     )
 
 
-def run_preference(
-    target: str, candidate: str, baseline: str, policy: GatePolicy
-) -> dict[str, Any]:
-    """The policy's comparison through the gateway, as a JSON-ready dict."""
-    from evalsuite.compare import compare, load_prompts
+def build_preference(target: str, policy: GatePolicy) -> tuple[Any, list[Any]]:
+    """(judge, prompts) of the policy's comparison, built and checked before anything runs: a bad
+    judge option, prompt file or sampling key must not surface after an hour of benchmarks."""
+    from evalsuite.compare import load_prompts
+    from evalsuite.fanout import check_generation_options
     from evalsuite.judges import judge_class, make_judge
 
     pref = policy.preference
     assert pref is not None
+    check_generation_options(pref.sampling)
     options = dict(pref.judge_options)
     if "target" in inspect.signature(judge_class(pref.judge)).parameters:
         options.setdefault("target", target)  # an LLM judge is served by the same gateway
     judge = make_judge(pref.judge, **options)
+    return judge, load_prompts(pref.prompts)
+
+
+def run_preference(
+    target: str, candidate: str, baseline: str, policy: GatePolicy, judge: Any, prompts: list[Any]
+) -> dict[str, Any]:
+    """The policy's comparison through the gateway, as a JSON-ready dict."""
+    from evalsuite.compare import compare
+
+    pref = policy.preference
+    assert pref is not None
     result = asyncio.run(
         compare(
             target,
             candidate,
             baseline,
-            load_prompts(pref.prompts),
+            prompts,
             judge,
             pref.sampling,
             policy.concurrency,
@@ -308,6 +320,7 @@ def _evaluate(
         vs_production and production is None
     ):
         systems["base"] = ""  # with no production yet, the base stands in for it
+    preference = build_preference(target, policy) if policy.preference is not None else None
     scores: dict[str, dict[str, float]] = {}
     directions: dict[str, bool] = {}
     if policy.benchmarks:
@@ -332,7 +345,8 @@ def _evaluate(
             baseline = f"{name}@v{production}" if production is not None else ""
         elif baseline == "base":
             baseline = ""
-        comparison = run_preference(target, systems["candidate"], baseline, policy)
+        assert preference is not None
+        comparison = run_preference(target, systems["candidate"], baseline, policy, *preference)
         report["preference"] = comparison
         checks.append(preference_check(policy, comparison["summary"]))
     return checks

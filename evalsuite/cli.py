@@ -13,6 +13,8 @@ from typing import Annotated
 
 import typer
 
+from evalsuite.errors import EvalError, EvalInputError, describe_failure
+from evalsuite.policy import DEFAULT_SAMPLING
 from gateway.cli_adapters import DEFAULT_TARGET, _fail
 
 eval_app = typer.Typer(
@@ -56,7 +58,6 @@ def gate(
 ) -> None:
     """Run the policy's benchmarks and comparison on the candidate, record the verdict, and with
     --promote move `production` to it only on pass (compare-and-swap)."""
-    from evalsuite.errors import EvalInputError
     from evalsuite.gate import run_gate
     from evalsuite.policy import load_policy
 
@@ -159,14 +160,13 @@ def compare(
 
     from evalsuite.compare import compare as run_compare
     from evalsuite.compare import load_prompts
-    from evalsuite.errors import EvalError
     from evalsuite.human import export_for_rating
     from evalsuite.judges import make_judge
 
     if export_human is not None and key is None:
         _fail("--export-human needs --key (kept away from the raters)", EXIT_ERROR)
     options = _options(judge_option, "--judge-option")
-    sampling_options = {"temperature": 0.0, "max_tokens": 64} | _options(sampling, "--sampling")
+    sampling_options = DEFAULT_SAMPLING | _options(sampling, "--sampling")
     if baseline == "production":
         baseline = f"{candidate.partition('@')[0]}@production"
     elif baseline == "base":
@@ -183,7 +183,7 @@ def compare(
     except EvalError as exc:
         _fail(str(exc), EXIT_ERROR)
     except grpc.RpcError as exc:
-        _fail(f"gateway {target}: {exc.code().name}: {exc.details()}", EXIT_ERROR)
+        _fail(describe_failure(exc, target), EXIT_ERROR)
     _print_summary(f"{result.candidate_version} vs {result.baseline_version} ({judge})",
                    result.summary.to_dict())  # fmt: skip
     _write_json(out, result.to_dict())
@@ -199,7 +199,6 @@ def score_votes(
     out: Annotated[Path | None, typer.Option(help="Write the result as JSON.")] = None,
 ) -> None:
     """Human votes on an exported comparison -> the same statistics as the automatic judges."""
-    from evalsuite.errors import EvalError
     from evalsuite.human import score_votes as score
 
     try:
@@ -230,7 +229,6 @@ def rank(
 
     from evalsuite.compare import compare as run_compare
     from evalsuite.compare import load_prompts
-    from evalsuite.errors import EvalError
     from evalsuite.judges import make_judge
     from evalsuite.stats import bradley_terry
 
@@ -239,7 +237,7 @@ def rank(
     options = _options(judge_option, "--judge-option")
     if judge == "llm_judge":
         options.setdefault("target", target)
-    sampling_options = {"temperature": 0.0, "max_tokens": 64} | _options(sampling, "--sampling")
+    sampling_options = DEFAULT_SAMPLING | _options(sampling, "--sampling")
     games: list[tuple[str, str, float]] = []
     try:
         items = load_prompts(prompts)
@@ -253,7 +251,7 @@ def rank(
     except EvalError as exc:
         _fail(str(exc), EXIT_ERROR)
     except grpc.RpcError as exc:
-        _fail(f"gateway {target}: {exc.code().name}: {exc.details()}", EXIT_ERROR)
+        _fail(describe_failure(exc, target), EXIT_ERROR)
     for r in ratings:
         typer.echo(f"{r.system:30s} {r.rating:7.1f}  [{r.ci_low:7.1f}, {r.ci_high:7.1f}]")
     _write_json(out, {"judge": judge, "ratings": [r.to_dict() for r in ratings]})

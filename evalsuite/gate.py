@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import grpc
 
-from evalsuite.errors import EvalError, EvalInputError
+from evalsuite.errors import EvalError, EvalInputError, describe_failure
 from evalsuite.policy import BenchmarkCheck, GatePolicy
 from gateway.client import AdapterClient
 
@@ -245,12 +245,6 @@ def run_preference(
     return result.to_dict()
 
 
-def _describe_failure(exc: BaseException, target: str) -> str:
-    if isinstance(exc, grpc.RpcError):
-        return f"gateway {target}: {exc.code().name}: {exc.details()}"
-    return f"{type(exc).__name__}: {exc}" if not isinstance(exc, EvalError) else str(exc)
-
-
 def run_gate(
     target: str,
     adapter: str,
@@ -292,7 +286,7 @@ def run_gate(
         result.verdict = "fail" if result.failed_checks else "pass"
     except Exception as exc:  # every failure is verdict "error": never a pass
         log.exception("gate error")
-        report["error"] = _describe_failure(exc, target)
+        report["error"] = describe_failure(exc, target)
     report["verdict"] = result.verdict
     report["finished"] = datetime.now(UTC).isoformat()
     report["wall_seconds"] = round(time.perf_counter() - clock, 2)
@@ -391,7 +385,7 @@ def _record_and_promote(
         report["recorded"] = True
     except grpc.RpcError as exc:
         report["recorded"] = False
-        report["record_error"] = _describe_failure(exc, "registry")
+        report["record_error"] = describe_failure(exc, "registry")
         if result.verdict == "pass":
             result.verdict = report["verdict"] = "error"
             report["error"] = f"verdict not recorded: {report['record_error']}"
@@ -404,7 +398,7 @@ def _record_and_promote(
             )  # fmt: skip
             result.promoted = report["promotion"]["done"] = True
         except grpc.RpcError as exc:
-            report["promotion"]["error"] = _describe_failure(exc, "registry")
+            report["promotion"]["error"] = describe_failure(exc, "registry")
     if out_dir is not None:
         try:
             result.report_paths = write_report(report, out_dir)

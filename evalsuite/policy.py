@@ -31,6 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from evalsuite.errors import EvalInputError
 from trainer.config import describe_validation_error
 
+# Greedy and short unless the policy says otherwise: comparisons must be reproducible.
+DEFAULT_SAMPLING: dict[str, Any] = {"temperature": 0.0, "max_tokens": 64}
+
 
 class _Section(BaseModel):
     """Unknown keys are errors: a typo must not silently drop a check."""
@@ -84,7 +87,7 @@ class PreferenceCheck(_Section):
     """Judge name from evalsuite.judges (exact_match, rouge_l, reward_model, llm_judge)."""
     judge_options: dict[str, Any] = Field(default_factory=dict)
     """Keyword options for the judge (e.g. reward model path, judge adapter, template)."""
-    sampling: dict[str, Any] = Field(default_factory=lambda: {"temperature": 0.0, "max_tokens": 64})
+    sampling: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_SAMPLING))
     """Generation options, the same for both systems (temperature, max_tokens, stop, seed...)."""
     min_win_rate_lower_bound: float = Field(0.5, ge=0, le=1)
     """The win rate's confidence interval must start at or above this (ties count half)."""

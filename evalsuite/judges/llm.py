@@ -48,7 +48,8 @@ class LLMJudge(Judge):
     """Options: adapter (the judge's reference: "" base, NAME, NAME@alias, NAME@vN), target
     (gateway host:port), template or template_file (str.format, or Jinja2 with
     template_format="jinja"; fields {prompt} {answer_a} {answer_b} and optional {reference}),
-    parse ("first", or a regex whose first group, or whole match, is A or B), max_tokens."""
+    parse ("first", or a regex whose first group, or whole match, is A or B), max_tokens,
+    max_unparseable (share of replies without a verdict above which the judge is an error)."""
 
     name = "llm_judge"
 
@@ -68,8 +69,8 @@ class LLMJudge(Judge):
         generate: GenerateFn | None = None,
         max_unparseable: float = 0.2,
     ) -> None:
-        if not 0 <= max_unparseable < 1:
-            raise EvalInputError("llm_judge: max_unparseable must be in [0, 1)")
+        if not 0 <= max_unparseable <= 1:  # 1: never an error (mechanics tests, exploration)
+            raise EvalInputError("llm_judge: max_unparseable must be in [0, 1]")
         self.max_unparseable = float(max_unparseable)
         if template is not None and template_file is not None:
             raise EvalInputError("llm_judge: give template or template_file, not both")

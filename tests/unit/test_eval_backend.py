@@ -1,0 +1,135 @@
+"""The lm-eval backend against a real grpc.aio gateway servicer with a scoring fake engine.
+
+The fake gives every prompt token a logprob that depends only on the token (-id/1000), so the
+exact expected score of any text is known: this checks which tokens the backend scores (context
+split, rolling windows over a 64-token context, truncation), not the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from lm_eval.api.instance import Instance
+
+from evalsuite.errors import EvalError, EvalInputError
+from evalsuite.lm_eval_backend import LoraplexLM
+from gateway.domain import GenerationChunk, TokenLogprob
+from gateway.generation import GenerationServicer
+from gateway.pipeline import GenerationPipeline
+from gateway.resolver import DirectoryResolver
+from loraplex.v1 import generation_pb2_grpc as pb_grpc
+from tests.unit.fakes import INFO, FakeEngine
+
+
+def score(token: int) -> float:
+    return -token / 1000
+
+
+class ScoringEngine(FakeEngine):
+    """Adds prompt logprobs: -id/1000 per token, rank 1 for even ids and 2 for odd ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop_last_logprob = False
+
+    async def generate(self, request, stream):
+        async for chunk in super().generate(request, stream):
+            if request.prompt_logprobs is not None and chunk.finish_reason is not None:
+                ids = request.prompt_token_ids
+                chunk = GenerationChunk(
+                    **{**chunk.__dict__, "prompt_logprobs": self._logprobs(ids)}
+                )
+            yield chunk
+
+    def _logprobs(self, ids: list[int]) -> list[TokenLogprob]:
+        out = [TokenLogprob(ids[0], "", None, 0)]
+        out += [TokenLogprob(t, "", score(t), 1 if t % 2 == 0 else 2) for t in ids[1:]]
+        return out[:-1] if self.drop_last_logprob else out
+
+
+@pytest.fixture
+def gateway(tmp_path) -> Iterator[tuple[str, ScoringEngine]]:
+    """A gateway servicer over the scoring engine, on its own event loop in a thread (the
+    backend runs its own asyncio loops, as lm-eval calls it synchronously)."""
+    engine = ScoringEngine()
+    pipeline = GenerationPipeline(engine, DirectoryResolver(tmp_path, 16))
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    holder: dict = {}
+
+    async def serve() -> None:
+        server = grpc.aio.server()
+        pb_grpc.add_GenerationServiceServicer_to_server(
+            GenerationServicer(lambda: pipeline), server
+        )
+        holder["port"] = server.add_insecure_port("127.0.0.1:0")
+        holder["done"] = asyncio.Event()
+        await server.start()
+        started.set()
+        await holder["done"].wait()
+        await server.stop(0)
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    assert started.wait(10)
+    yield f"127.0.0.1:{holder['port']}", engine
+    loop.call_soon_threadsafe(holder["done"].set)
+    thread.join(10)
+    loop.close()
+
+
+def _requests(kind: str, args: list[tuple]) -> list[Instance]:
+    return [Instance(kind, {}, a, i) for i, a in enumerate(args)]
+
+
+def test_loglikelihood_scores_exactly_the_continuation_tokens(gateway):
+    target, engine = gateway
+    lm = LoraplexLM(target=target)
+    assert (lm.prefix_token_id, lm.eot_token_id, lm.max_length) == (1, 2, INFO.max_context_length)
+    [(logprob, greedy), (empty_logprob, _)] = lm.loglikelihood(
+        _requests("loglikelihood", [("Q: x?", " ab"), ("", "cd")]), disable_tqdm=True
+    )
+    continuation = [ord(c) % INFO.vocab_size for c in " ab"]  # moved space stays with it
+    assert logprob == pytest.approx(sum(map(score, continuation)))
+    assert greedy is all(t % 2 == 0 for t in continuation)
+    # An empty context is conditioned on BOS: both tokens of "cd" are scored.
+    assert empty_logprob == pytest.approx(score(ord("c") % 100) + score(ord("d") % 100))
+    assert engine.seen[-1].prompt_token_ids[0] == 1 and engine.seen[-1].max_tokens == 1
+
+
+def test_rolling_windows_score_every_token_once_over_a_short_context(gateway):
+    target, _ = gateway
+    lm = LoraplexLM(target=target)
+    text = "the quick brown fox jumps over the lazy dog " * 5  # 226 tokens, 64-token context
+    tokens = [1, *(ord(c) % INFO.vocab_size for c in text)]
+    [total] = lm.loglikelihood_rolling(_requests("loglikelihood_rolling", [(text,)]), True)
+    assert total == pytest.approx(sum(map(score, tokens)))
+
+
+def test_short_or_failed_answers_are_errors_not_scores(gateway):
+    target, engine = gateway
+    lm = LoraplexLM(target=target)
+    request = _requests("loglikelihood", [("Q: x?", " ab")])
+    engine.drop_last_logprob = True
+    with pytest.raises(EvalError, match="prompt logprobs for"):
+        lm.loglikelihood(request, disable_tqdm=True)
+    engine.drop_last_logprob = False
+    too_long = _requests("loglikelihood", [("Q", "x" * INFO.max_context_length)])
+    with pytest.raises(EvalInputError, match="does not fit the context"):
+        lm.loglikelihood(too_long, disable_tqdm=True)
+
+
+def test_generate_until_sends_greedy_requests_with_the_tasks_stops(gateway):
+    target, engine = gateway
+    lm = LoraplexLM(target=target, adapter="")
+    [text] = lm.generate_until(
+        _requests("generate_until", [("Q: x?", {"until": ["\n"], "max_gen_toks": 3})]), True
+    )
+    sent = engine.seen[-1]
+    assert text == "<0><1><2>" and sent.max_tokens == 3
+    assert sent.sampling.temperature == 0.0 and "\n" in sent.stopping.stop
+    assert lm.served_versions == {"base"}

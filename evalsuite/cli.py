@@ -172,12 +172,10 @@ def compare(
     elif baseline == "base":
         baseline = ""
     try:
-        if judge == "llm_judge":
-            options.setdefault("target", target)
         result = asyncio.run(
             run_compare(
-                target, candidate, baseline, load_prompts(prompts), make_judge(judge, **options),
-                sampling_options,
+                target, candidate, baseline, load_prompts(prompts),
+                make_judge(judge, gateway=target, **options), sampling_options,
             )
         )  # fmt: skip
     except EvalError as exc:
@@ -235,15 +233,20 @@ def rank(
     if len(set(systems)) < 2:
         _fail("rank needs at least two different systems", EXIT_ERROR)
     options = _options(judge_option, "--judge-option")
-    if judge == "llm_judge":
-        options.setdefault("target", target)
     sampling_options = DEFAULT_SAMPLING | _options(sampling, "--sampling")
     games: list[tuple[str, str, float]] = []
     try:
         items = load_prompts(prompts)
         for a, b in combinations(dict.fromkeys(systems), 2):
             result = asyncio.run(
-                run_compare(target, a, b, items, make_judge(judge, **options), sampling_options)
+                run_compare(
+                    target,
+                    a,
+                    b,
+                    items,
+                    make_judge(judge, gateway=target, **options),
+                    sampling_options,
+                )
             )
             games += [(a or "base", b or "base", o) for o in result.outcomes]
             _print_summary(f"{a or 'base'} vs {b or 'base'}", result.summary.to_dict())

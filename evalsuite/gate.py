@@ -10,7 +10,6 @@ is never a pass and never promotes.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -210,15 +209,12 @@ def build_preference(target: str, policy: GatePolicy) -> tuple[Any, list[Any]]:
     judge option, prompt file or sampling key must not surface after an hour of benchmarks."""
     from evalsuite.compare import load_prompts
     from evalsuite.fanout import check_generation_options
-    from evalsuite.judges import judge_class, make_judge
+    from evalsuite.judges import make_judge
 
     pref = policy.preference
     assert pref is not None
     check_generation_options(pref.sampling)
-    options = dict(pref.judge_options)
-    if "target" in inspect.signature(judge_class(pref.judge)).parameters:
-        options.setdefault("target", target)  # an LLM judge is served by the same gateway
-    judge = make_judge(pref.judge, **options)
+    judge = make_judge(pref.judge, gateway=target, **pref.judge_options)
     return judge, load_prompts(pref.prompts)
 
 

@@ -41,11 +41,14 @@ def judge_class(name: str) -> type[Judge]:
     return cls
 
 
-def make_judge(name: str, **options: Any) -> Judge:
+def make_judge(name: str, *, gateway: str | None = None, **options: Any) -> Judge:
     """A judge built from its options; a wrong or missing option is an EvalInputError that lists
-    the options the judge takes."""
+    the options the judge takes. `gateway` (host:port) becomes the `target` of judges that ask a
+    served model, unless the options name another one."""
     cls = judge_class(name)
     signature = inspect.signature(cls)
+    if gateway is not None and "target" in signature.parameters:
+        options.setdefault("target", gateway)
     try:
         signature.bind(**options)
     except TypeError as e:

@@ -9,9 +9,6 @@ with lm-eval's own `hf` backend on the same base + adapter (faithfulness).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,6 +24,7 @@ from evalsuite.policy import load_policy
 from gateway.client import AdapterClient
 from gateway.process import free_port
 from loraplex.v1 import adapters_pb2 as apb
+from tests.cli import run_loraplex
 from trainer.config import load_config
 from trainer.run import run_training
 
@@ -59,18 +57,8 @@ def adapters(tiny_model, tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def _loraplex(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-
-
 def _gate(target: str, adapter: str, out: Path, *extra: str, policy: Path = POLICY):
-    return _loraplex(
+    return run_loraplex(
         "eval", "gate", "--target", target, "--adapter", adapter, "--policy", str(policy),
         "--out", str(out), *extra,
     )  # fmt: skip
@@ -253,7 +241,7 @@ def test_compare_rank_and_human_votes_from_the_command_line(gateway, tiny_model,
     """`loraplex eval compare` (with a blinded export), `score-votes` and `rank` on served
     adapters: the human votes go through the key into the same statistics."""
     prompts = str(EXAMPLES / "prompts.jsonl")
-    compared = _loraplex(
+    compared = run_loraplex(
         "eval", "compare", "--target", gateway.target, "--candidate", "alpha@v1",
         "--baseline", "base", "--prompts", prompts, "--judge", "rouge_l",
         "--sampling", "max_tokens=4",
@@ -271,14 +259,14 @@ def test_compare_rank_and_human_votes_from_the_command_line(gateway, tiny_model,
     key = json.loads((tmp_path / "key.json").read_text())
     votes = tmp_path / "votes.csv"
     votes.write_text("id,vote\n" + "".join(f"{i},A\n" for i in key["candidate_side"]))
-    scored = _loraplex("eval", "score-votes", str(votes), "--key", str(tmp_path / "key.json"),
+    scored = run_loraplex("eval", "score-votes", str(votes), "--key", str(tmp_path / "key.json"),
                        "--out", str(tmp_path / "human.json"))  # fmt: skip
     assert scored.returncode == 0, scored.stderr[-2000:]
     human = json.loads((tmp_path / "human.json").read_text())["summary"]
     wins = sum(side == "A" for side in key["candidate_side"].values())
     assert (human["wins"], human["losses"], human["ties"]) == (wins, 12 - wins, 0)
 
-    ranked = _loraplex(
+    ranked = run_loraplex(
         "eval", "rank", "alpha", "beta", "", "--target", gateway.target, "--prompts", prompts,
         "--sampling", "max_tokens=4", "--out", str(tmp_path / "rank.json"),
     )  # fmt: skip
@@ -287,6 +275,6 @@ def test_compare_rank_and_human_votes_from_the_command_line(gateway, tiny_model,
     assert {r["system"] for r in ratings} == {"alpha", "beta", "base"}
     assert all(r["ci_low"] <= r["rating"] <= r["ci_high"] for r in ratings)
 
-    bad = _loraplex("eval", "compare", "--target", gateway.target, "--candidate", "alpha",
+    bad = run_loraplex("eval", "compare", "--target", gateway.target, "--candidate", "alpha",
                     "--prompts", prompts, "--judge", "no-such-judge")  # fmt: skip
     assert bad.returncode == 2 and "unknown judge 'no-such-judge'" in bad.stderr

@@ -8,10 +8,7 @@ learning, not recall of a string. Runs are short (60-120 steps, seconds each on 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -23,6 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from gateway.client import AdapterClient, Client
+from tests.cli import run_loraplex
 from trainer.config import load_config
 from trainer.modeling import load_reward_model, reward_scores
 from trainer.run import RunError, TrainResult, run_training
@@ -292,18 +290,8 @@ def test_resume_without_a_checkpoint_is_refused(tiny_model, tmp_path):
 # ---------------------------------------------------------------- the command and the gateway
 
 
-def _loraplex(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-
-
 def test_cli_refuses_a_bad_config_and_bad_data_before_loading_a_model(tmp_path):
-    typo = _loraplex(
+    typo = run_loraplex(
         "train", "sft", "--config", str(EXAMPLES / "sft.yaml"), "--set", "training.learning_rat=1"
     )
     assert typo.returncode == 2, typo.stderr
@@ -311,7 +299,7 @@ def test_cli_refuses_a_bad_config_and_bad_data_before_loading_a_model(tmp_path):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "Q", "completion": ""}\n{"prompt": "Q2"}\n')
-    result = _loraplex(
+    result = run_loraplex(
         "train",
         "sft",
         "--config",
@@ -331,7 +319,7 @@ def test_cli_refuses_a_bad_config_and_bad_data_before_loading_a_model(tmp_path):
 
 def test_cli_trains_registers_a_candidate_that_the_gateway_serves(gateway, tiny_model, tmp_path):
     """`loraplex train sft --register`: the adapter becomes colors@candidate and vLLM serves it."""
-    result = _loraplex(
+    result = run_loraplex(
         "train",
         "sft",
         "--config",
@@ -408,7 +396,7 @@ def test_qlora_on_a_prequantized_4bit_base(tiny_model, tmp_path):
     from trainer.config import ConfigError
 
     nf4 = tmp_path / "base-nf4"
-    done = _loraplex(
+    done = run_loraplex(
         "train", "quantize-base", "--model", str(tiny_model.base), "--out", str(nf4),
         "--dtype", "float32", "--compute-dtype", "float32",
     )  # fmt: skip

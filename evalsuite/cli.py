@@ -15,7 +15,7 @@ import typer
 
 from evalsuite.errors import EvalError, EvalInputError, describe_failure
 from evalsuite.policy import DEFAULT_SAMPLING
-from gateway.cli_adapters import DEFAULT_TARGET, _fail
+from gateway.cli_adapters import DEFAULT_TARGET, fail
 
 eval_app = typer.Typer(
     help="Evaluate adapters through the gateway (lm-eval, preference comparisons, the gate).",
@@ -64,13 +64,13 @@ def gate(
     try:
         gate_policy = load_policy(policy)
     except EvalInputError as exc:
-        _fail(str(exc), EXIT_ERROR)
+        fail(str(exc), EXIT_ERROR)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out = out or Path("gate-reports") / f"{adapter.replace('@', '-')}-{stamp}"
     try:
         result = run_gate(target, adapter, gate_policy, out, promote=promote, actor=actor)
     except Exception as exc:  # noqa: BLE001  (run_gate maps evaluation failures; the rest: error)
-        _fail(f"gate failed: {type(exc).__name__}: {exc}", EXIT_ERROR)
+        fail(f"gate failed: {type(exc).__name__}: {exc}", EXIT_ERROR)
     report = result.report
     typer.echo(
         f"verdict: {result.verdict.upper()} for {(report['candidate'] or {}).get('ref', adapter)}"
@@ -108,7 +108,7 @@ def _options(items: list[str] | None, what: str) -> dict:
     for item in items or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            _fail(f"{what} {item!r}: expected key=value", EXIT_ERROR)
+            fail(f"{what} {item!r}: expected key=value", EXIT_ERROR)
         parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
     return parsed
 
@@ -164,7 +164,7 @@ def compare(
     from evalsuite.judges import make_judge
 
     if export_human is not None and key is None:
-        _fail("--export-human needs --key (kept away from the raters)", EXIT_ERROR)
+        fail("--export-human needs --key (kept away from the raters)", EXIT_ERROR)
     options = _options(judge_option, "--judge-option")
     sampling_options = DEFAULT_SAMPLING | _options(sampling, "--sampling")
     if baseline == "production":
@@ -179,9 +179,9 @@ def compare(
             )
         )  # fmt: skip
     except EvalError as exc:
-        _fail(str(exc), EXIT_ERROR)
+        fail(str(exc), EXIT_ERROR)
     except grpc.RpcError as exc:
-        _fail(describe_failure(exc, target), EXIT_ERROR)
+        fail(describe_failure(exc, target), EXIT_ERROR)
     _print_summary(f"{result.candidate_version} vs {result.baseline_version} ({judge})",
                    result.summary.to_dict())  # fmt: skip
     _write_json(out, result.to_dict())
@@ -202,7 +202,7 @@ def score_votes(
     try:
         result = score(votes, key)
     except EvalError as exc:
-        _fail(str(exc), EXIT_ERROR)
+        fail(str(exc), EXIT_ERROR)
     _print_summary("human votes (candidate)", result.summary.to_dict())
     if result.unrated:
         typer.echo(f"unrated pairs: {len(result.unrated)}")
@@ -231,7 +231,7 @@ def rank(
     from evalsuite.stats import bradley_terry
 
     if len(set(systems)) < 2:
-        _fail("rank needs at least two different systems", EXIT_ERROR)
+        fail("rank needs at least two different systems", EXIT_ERROR)
     options = _options(judge_option, "--judge-option")
     sampling_options = DEFAULT_SAMPLING | _options(sampling, "--sampling")
     games: list[tuple[str, str, float]] = []
@@ -252,9 +252,9 @@ def rank(
             _print_summary(f"{a or 'base'} vs {b or 'base'}", result.summary.to_dict())
         ratings = bradley_terry(games)
     except EvalError as exc:
-        _fail(str(exc), EXIT_ERROR)
+        fail(str(exc), EXIT_ERROR)
     except grpc.RpcError as exc:
-        _fail(describe_failure(exc, target), EXIT_ERROR)
+        fail(describe_failure(exc, target), EXIT_ERROR)
     for r in ratings:
         typer.echo(f"{r.system:30s} {r.rating:7.1f}  [{r.ci_low:7.1f}, {r.ci_high:7.1f}]")
     _write_json(out, {"judge": judge, "ratings": [r.to_dict() for r in ratings]})

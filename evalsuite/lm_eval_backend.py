@@ -63,7 +63,9 @@ class LoraplexLM(TemplateLM):
         self.concurrency, self.timeout = int(concurrency), float(timeout)
         self.max_gen_toks, self.add_bos_token = int(max_gen_toks), add_bos_token
         with Client(target) as client:
-            info = client.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout)
+            info = client.stub.GetModelInfo(
+                pb.GetModelInfoRequest(), timeout=timeout, metadata=client.metadata
+            )
         if not info.HasField("eos_token"):
             raise EvalInputError(f"the base model at {target} has no EOS token")
         self.eos = (info.eos_token.id, info.eos_token.text)
@@ -110,7 +112,9 @@ class LoraplexLM(TemplateLM):
 
         async def one(client: AsyncClient, key: tuple[str, bool]) -> list[int]:
             response = await client.stub.Tokenize(
-                pb.TokenizeRequest(text=key[0], add_special_tokens=key[1]), timeout=self.timeout
+                pb.TokenizeRequest(text=key[0], add_special_tokens=key[1]),
+                timeout=self.timeout,
+                metadata=client.metadata,
             )
             return list(response.token_ids)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
+from gateway.auth import current_key, require_adapter, require_owner, visible
 from gateway.errors import EngineUnavailable, InvalidRequest, NotSupported, grpc_errors
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import GenerationPipeline
@@ -39,14 +40,19 @@ def _limit(field: str, value: int) -> int:
 
 
 def actor_of(context: grpc.aio.ServicerContext) -> str:
-    """Who is calling: the `loraplex-actor` metadata, else the peer address."""
-    for key, value in context.invocation_metadata() or ():
-        if key == ACTOR_METADATA and value:
-            return str(value)[:256]
-    return f"anonymous@{context.peer()}"
+    """Who is calling: the API key (when keys are on), with the `loraplex-actor` metadata the
+    client sent, else the peer address."""
+    claimed = next(
+        (str(v)[:128] for k, v in context.invocation_metadata() or () if k == ACTOR_METADATA and v),
+        None,
+    )
+    key = current_key.get()
+    if key is not None:
+        return f"key:{key.name}[{key.id}]" + (f" ({claimed})" if claimed else "")
+    return claimed or f"anonymous@{context.peer()}"
 
 
-def _timestamp(value: object) -> timestamp_pb2.Timestamp:
+def to_timestamp(value: object) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromDatetime(value)  # type: ignore[arg-type]
     return stamp
@@ -69,7 +75,7 @@ def evaluation_to_pb(e: EvaluationRecord) -> pb.Evaluation:
         verdict=pb.VERDICT_PASS if e.passed else pb.VERDICT_FAIL,
         report=_struct(e.report),
         actor=e.actor,
-        create_time=_timestamp(e.created_at),
+        create_time=to_timestamp(e.created_at),
     )
 
 
@@ -85,7 +91,7 @@ def version_to_pb(v: VersionRecord, residency: int = pb.RESIDENCY_UNSPECIFIED) -
         base_fingerprint=v.base_fingerprint,
         base_rule=v.base_rule,
         source=v.source,
-        create_time=_timestamp(v.created_at),
+        create_time=to_timestamp(v.created_at),
         actor=v.actor,
         metadata=_struct(v.metadata),
         evaluations=[evaluation_to_pb(e) for e in v.evaluations],
@@ -103,14 +109,14 @@ def move_to_pb(m: AliasMove) -> pb.AliasMove:
         actor=m.actor,
         reason=m.reason,
         forced=m.forced,
-        create_time=_timestamp(m.created_at),
+        create_time=to_timestamp(m.created_at),
     )
 
 
 def audit_to_pb(e: AuditEvent) -> pb.AuditEvent:
     return pb.AuditEvent(
         id=e.id,
-        create_time=_timestamp(e.created_at),
+        create_time=to_timestamp(e.created_at),
         actor=e.actor,
         action=e.action,
         adapter=e.adapter,
@@ -179,7 +185,7 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
             name=a.name,
             description=a.description,
             owner=a.owner,
-            create_time=_timestamp(a.created_at),
+            create_time=to_timestamp(a.created_at),
             aliases=a.aliases,
             versions=[version_to_pb(v, residency(v.sha256)) for v in a.versions],
         )
@@ -189,6 +195,7 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
         self, request: pb.RegisterAdapterRequest, context: grpc.aio.ServicerContext
     ) -> pb.RegisterAdapterResponse:
         registry = self._reg()
+        require_owner(request.name)
         if not request.path:
             raise InvalidRequest("path", "give the adapter folder on the gateway host")
         engine = self._serving().engine
@@ -221,6 +228,7 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
         if first is None or first.WhichOneof("content") != "header":
             raise InvalidRequest("header", "the first message must carry the upload header")
         header = first.header
+        require_owner(header.name)
 
         async def chunks() -> AsyncIterator[bytes]:
             async for message in messages:
@@ -249,6 +257,7 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
     async def GetAdapter(
         self, request: pb.GetAdapterRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetAdapterResponse:
+        require_adapter(request.name)
         record = await self._reg().get_adapter(request.name)
         return pb.GetAdapterResponse(adapter=self._adapter_to_pb(record, await self._residency()))
 
@@ -261,7 +270,7 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
         page, more = records[:size], len(records) > size
         residency = await self._residency()
         return pb.ListAdaptersResponse(
-            adapters=[self._adapter_to_pb(a, residency) for a in page],
+            adapters=[self._adapter_to_pb(a, residency) for a in page if visible(a.name)],
             next_page_token=page[-1].name if more else "",
         )
 
@@ -269,6 +278,7 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
     async def ListVersions(
         self, request: pb.ListVersionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListVersionsResponse:
+        require_adapter(request.adapter)
         record = await self._reg().get_adapter(request.adapter)
         residency = await self._residency()
         return pb.ListVersionsResponse(
@@ -280,6 +290,7 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
         self, request: pb.SetAliasRequest, context: grpc.aio.ServicerContext
     ) -> pb.SetAliasResponse:
         registry = self._reg()
+        require_adapter(request.adapter)
         engine = self._serving().engine
         move = await registry.set_alias(
             request.adapter,
@@ -299,6 +310,7 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
     async def GetAliasHistory(
         self, request: pb.GetAliasHistoryRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetAliasHistoryResponse:
+        require_adapter(request.adapter)
         moves = await self._reg().alias_history(
             request.adapter, request.alias, _limit("limit", request.limit)
         )
@@ -308,6 +320,7 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
     async def DeleteVersion(
         self, request: pb.DeleteVersionRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteVersionResponse:
+        require_adapter(request.adapter)
         pipeline = self._pipeline()
         key = (request.adapter, request.version)
 
@@ -323,6 +336,7 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
     async def RecordEvaluation(
         self, request: pb.RecordEvaluationRequest, context: grpc.aio.ServicerContext
     ) -> pb.RecordEvaluationResponse:
+        require_adapter(request.adapter)
         if request.verdict == pb.VERDICT_UNSPECIFIED:
             raise InvalidRequest("verdict", "say VERDICT_PASS or VERDICT_FAIL")
         record = await self._reg().record_evaluation(
@@ -341,5 +355,8 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
     async def ListAuditEvents(
         self, request: pb.ListAuditEventsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAuditEventsResponse:
+        require_adapter(request.adapter)
         events = await self._reg().audit_events(request.adapter, _limit("limit", request.limit))
-        return pb.ListAuditEventsResponse(events=[audit_to_pb(e) for e in events])
+        return pb.ListAuditEventsResponse(
+            events=[audit_to_pb(e) for e in events if visible(e.adapter)]
+        )

@@ -13,6 +13,7 @@ from google.protobuf.json_format import MessageToDict
 
 from evalsuite.cli import eval_app
 from gateway.cli_adapters import adapters_app
+from gateway.cli_keys import keys_app
 from trainer.cli import train_app
 
 app = typer.Typer(
@@ -21,6 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(adapters_app, name="adapters")
+app.add_typer(keys_app, name="keys")
 app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
 

@@ -28,6 +28,8 @@ EXIT_CODES = {
     grpc.StatusCode.FAILED_PRECONDITION: 4,
     grpc.StatusCode.ABORTED: 4,
     grpc.StatusCode.UNAVAILABLE: 5,
+    grpc.StatusCode.UNAUTHENTICATED: 6,
+    grpc.StatusCode.PERMISSION_DENIED: 6,
 }
 _UNREACHABLE = ("failed to connect", "dns resolution failed", "connection refused")
 
@@ -39,7 +41,8 @@ adapters_app = typer.Typer(
     2 invalid argument (bad input, adapter refused by validation),
     3 not found (adapter or version),
     4 failed precondition (alias moved meanwhile, no passing evaluation, version aliased),
-    5 gateway unreachable or engine unavailable.
+    5 gateway unreachable or engine unavailable,
+    6 no valid API key ($LORAPLEX_API_KEY) or the key may not do this.
     """,
     no_args_is_help=True,
 )
@@ -75,17 +78,16 @@ Version = Annotated[int, typer.Argument(parser=_parse_version, help="Version: 2 
 # ---------------------------------------------------------------- plumbing
 
 
-def _fail(message: str, code: int) -> NoReturn:
+def fail(message: str, code: int) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
 
 @contextmanager
-def _connect(target: str, actor: str | None = None) -> Iterator[AdapterClient]:
-    """A client; RPC errors become `error: CODE: details` on stderr and a documented exit code."""
+def rpc_errors(target: str) -> Iterator[None]:
+    """RPC errors become `error: CODE: details` on stderr and a documented exit code."""
     try:
-        with AdapterClient(target, actor) as client:
-            yield client
+        yield
     except grpc.RpcError as exc:
         code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
         details: str = exc.details() or ""  # type: ignore[attr-defined]
@@ -93,7 +95,14 @@ def _connect(target: str, actor: str | None = None) -> Iterator[AdapterClient]:
             marker in details.lower() for marker in _UNREACHABLE
         ):
             details = f"cannot reach the gateway at {target} ({details})"
-        _fail(f"{code.name}: {details}", EXIT_CODES.get(code, 1))
+        fail(f"{code.name}: {details}", EXIT_CODES.get(code, 1))
+
+
+@contextmanager
+def _connect(target: str, actor: str | None = None) -> Iterator[AdapterClient]:
+    """An AdapterClient whose RPC errors become messages and exit codes (`rpc_errors`)."""
+    with rpc_errors(target), AdapterClient(target, actor) as client:
+        yield client
 
 
 def _dict(message: Message) -> dict[str, Any]:
@@ -102,7 +111,7 @@ def _dict(message: Message) -> dict[str, Any]:
     )
 
 
-def _print_json(value: Message | Iterable[Message] | dict) -> None:
+def print_json(value: Message | Iterable[Message] | dict) -> None:
     if isinstance(value, Message):
         value = _dict(value)
     elif not isinstance(value, dict):
@@ -118,20 +127,20 @@ def _json_object(value: str | None, option: str) -> dict | None:
         text = Path(value[1:]).read_text() if value.startswith("@") else value
         parsed = json.loads(text)
     except (OSError, ValueError) as exc:
-        _fail(f"{option}: {exc}", 2)
+        fail(f"{option}: {exc}", 2)
     if not isinstance(parsed, dict):
-        _fail(f"{option}: expected a JSON object", 2)
+        fail(f"{option}: expected a JSON object", 2)
     return parsed
 
 
-def _table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+def print_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
     table = Table(*columns, title=title, title_justify="left")
     for row in rows:
         table.add_row(*(Text(cell) for cell in row))  # Text: no markup in user strings
     Console().print(table)
 
 
-def _time(stamp: Timestamp) -> str:
+def format_time(stamp: Timestamp) -> str:
     return stamp.ToDatetime(dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
@@ -169,7 +178,7 @@ def _version_rows(versions: Iterable[pb.AdapterVersion]) -> Iterator[list[str]]:
             ", ".join(v.aliases) or "-",
             _residency(v.residency),
             _verdicts(v),
-            _time(v.create_time),
+            format_time(v.create_time),
             v.actor,
         ]
 
@@ -231,7 +240,7 @@ def register(
     with _connect(target, actor) as client:
         version = client.register(name, path, description, owner, extra, source, alias)
     if as_json:
-        _print_json(version)
+        print_json(version)
     else:
         _print_registered(version)
 
@@ -251,15 +260,15 @@ def upload(
 ) -> None:
     """Upload a local adapter (a folder is tarred first) as the adapter's next version."""
     if not path.exists():
-        _fail(f"{path} does not exist", 2)
+        fail(f"{path} does not exist", 2)
     extra = _json_object(metadata, "--metadata")
     with _connect(target, actor) as client:
         try:
             version = client.upload(name, path, description, owner, extra, source, alias)
         except (OSError, ValueError) as exc:
-            _fail(str(exc), 2)
+            fail(str(exc), 2)
     if as_json:
-        _print_json(version)
+        print_json(version)
     else:
         _print_registered(version)
 
@@ -270,14 +279,14 @@ def list_adapters(target: Target = DEFAULT_TARGET, as_json: AsJson = False) -> N
     with _connect(target) as client:
         adapters = [*client.list()]
     if as_json:
-        _print_json(adapters)
+        print_json(adapters)
         return
 
     def residency(a: pb.Adapter) -> str:
         counts = Counter(_residency(v.residency) for v in a.versions)
         return ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "-"
 
-    _table(
+    print_table(
         None,
         ("name", "owner", "aliases", "versions", "residency"),
         (
@@ -293,12 +302,12 @@ def show(name: Name, target: Target = DEFAULT_TARGET, as_json: AsJson = False) -
     with _connect(target) as client:
         adapter = client.get(name)
     if as_json:
-        _print_json(adapter)
+        print_json(adapter)
         return
     typer.echo(f"{adapter.name}: {adapter.description or '(no description)'}")
-    typer.echo(f"owner: {adapter.owner or '-'}   created: {_time(adapter.create_time)}")
+    typer.echo(f"owner: {adapter.owner or '-'}   created: {format_time(adapter.create_time)}")
     typer.echo(f"aliases: {_aliases(adapter.aliases)}")
-    _table(None, VERSION_COLUMNS, _version_rows(adapter.versions))
+    print_table(None, VERSION_COLUMNS, _version_rows(adapter.versions))
 
 
 @adapters_app.command()
@@ -307,9 +316,9 @@ def versions(name: Name, target: Target = DEFAULT_TARGET, as_json: AsJson = Fals
     with _connect(target) as client:
         found = client.versions(name)
     if as_json:
-        _print_json(found)
+        print_json(found)
         return
-    _table(f"{name} versions", VERSION_COLUMNS, _version_rows(found))
+    print_table(f"{name} versions", VERSION_COLUMNS, _version_rows(found))
 
 
 @adapters_app.command()
@@ -341,7 +350,7 @@ def promote(
             expect = client.get(name).aliases.get(alias, 0)
         move = client.set_alias(name, alias, version, expect, reason, force)
     if as_json:
-        _print_json(move)
+        print_json(move)
     else:
         _print_move(move)
 
@@ -365,13 +374,13 @@ def rollback(
     with _connect(target, actor) as client:
         latest = client.history(name, alias, limit=1)
         if not latest or not latest[0].from_version:
-            _fail(f"{name}@{alias} held no version before its latest move; nothing to roll back", 1)
+            fail(f"{name}@{alias} held no version before its latest move; nothing to roll back", 1)
         current, previous = latest[0].to_version, latest[0].from_version
         move = client.set_alias(
             name, alias, previous, current, reason or f"rollback from v{current}", force
         )
     if as_json:
-        _print_json(move)
+        print_json(move)
     else:
         _print_move(move)
 
@@ -389,7 +398,7 @@ def delete(
     with _connect(target, actor) as client:
         removed = client.delete(name, version, reason)
     if as_json:
-        _print_json({"adapter": name, "version": version, "artifact_removed": removed})
+        print_json({"adapter": name, "version": version, "artifact_removed": removed})
         return
     files = "artifact removed" if removed else "artifact kept: another version shares it"
     typer.echo(f"deleted {name}@v{version} ({files})")
@@ -407,14 +416,14 @@ def history(
     with _connect(target) as client:
         moves = client.history(name, alias, limit)
     if as_json:
-        _print_json(moves)
+        print_json(moves)
         return
-    _table(
+    print_table(
         f"{name} alias history",
         ("time", "alias", "from", "to", "by", "forced", "reason"),
         (
             [
-                _time(m.create_time),
+                format_time(m.create_time),
                 m.alias,
                 f"v{m.from_version}" if m.from_version else "-",
                 f"v{m.to_version}",
@@ -443,7 +452,7 @@ def evaluate(
     with _connect(target, actor) as client:
         evaluation = client.record_evaluation(name, version, suite, passed, body)
     if as_json:
-        _print_json(evaluation)
+        print_json(evaluation)
         return
     verdict = "pass" if passed else "fail"
     typer.echo(f"recorded {suite}={verdict} for {name}@v{version} (evaluation {evaluation.id})")
@@ -460,14 +469,14 @@ def audit(
     with _connect(target) as client:
         events = client.audit(adapter, limit)
     if as_json:
-        _print_json(events)
+        print_json(events)
         return
-    _table(
+    print_table(
         "audit log",
         ("time", "by", "action", "adapter", "version", "details"),
         (
             [
-                _time(e.create_time),
+                format_time(e.create_time),
                 e.actor,
                 e.action,
                 e.adapter,

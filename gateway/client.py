@@ -9,6 +9,11 @@ generation, and a blocking `AdapterClient` for the adapter registry.
 
 Keyword arguments are the fields of SamplingParams and StoppingCriteria (temperature, top_p,
 max_tokens, stop, ...) plus logprobs / prompt_logprobs / request_id.
+
+Every client takes an API key (`api_key`, default `$LORAPLEX_API_KEY`) and TLS credentials
+(`credentials`, default from `$LORAPLEX_TLS_CA_FILE`, plus `$LORAPLEX_TLS_CERT_FILE` /
+`$LORAPLEX_TLS_KEY_FILE` for mutual TLS), so every `loraplex` command and the lm-eval backend
+reach a gateway with keys and TLS without extra flags.
 """
 
 from __future__ import annotations
@@ -30,12 +35,60 @@ from loraplex.v1 import adapters_pb2 as apb
 from loraplex.v1 import adapters_pb2_grpc as apb_grpc
 from loraplex.v1 import generation_pb2 as pb
 from loraplex.v1 import generation_pb2_grpc as pb_grpc
+from loraplex.v1 import keys_pb2 as kpb
+from loraplex.v1 import keys_pb2_grpc as kpb_grpc
+
+API_KEY_ENV = "LORAPLEX_API_KEY"
+TLS_CA_ENV = "LORAPLEX_TLS_CA_FILE"
+TLS_CERT_ENV = "LORAPLEX_TLS_CERT_FILE"
+TLS_KEY_ENV = "LORAPLEX_TLS_KEY_FILE"
 
 _SAMPLING = set(pb.SamplingParams.DESCRIPTOR.fields_by_name)
 _STOPPING = set(pb.StoppingCriteria.DESCRIPTOR.fields_by_name)
 _TOP_LEVEL = {"request_id", "logprobs", "prompt_logprobs"}
 
 Request = TypeVar("Request", pb.GenerateRequest, pb.GenerateStreamRequest)
+
+
+def tls_credentials(
+    ca_file: str | Path | None = None,
+    cert_file: str | Path | None = None,
+    key_file: str | Path | None = None,
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials from PEM files (default: the LORAPLEX_TLS_* variables); None: plaintext.
+
+    `cert_file` + `key_file` present a client certificate (mutual TLS).
+    """
+    ca_file = ca_file or os.environ.get(TLS_CA_ENV)
+    cert_file = cert_file or os.environ.get(TLS_CERT_ENV)
+    key_file = key_file or os.environ.get(TLS_KEY_ENV)
+    if not (ca_file or cert_file):
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(ca_file).read_bytes() if ca_file else None,
+        private_key=Path(key_file).read_bytes() if key_file else None,
+        certificate_chain=Path(cert_file).read_bytes() if cert_file else None,
+    )
+
+
+def auth_metadata(api_key: str | None = None) -> tuple[tuple[str, str], ...]:
+    """The `authorization` metadata for an API key (default: $LORAPLEX_API_KEY)."""
+    api_key = api_key or os.environ.get(API_KEY_ENV)
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
+def _channel(target: str, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:
+    credentials = credentials or tls_credentials()
+    if credentials is None:
+        return grpc.insecure_channel(target)
+    return grpc.secure_channel(target, credentials)
+
+
+def _aio_channel(target: str, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
+    credentials = credentials or tls_credentials()
+    if credentials is None:
+        return grpc.aio.insecure_channel(target)
+    return grpc.aio.secure_channel(target, credentials)
 
 
 def build_request(
@@ -61,13 +114,15 @@ def build_request(
 class Client:
     """Blocking client; one channel, reused for every call."""
 
-    def __init__(self, target: str, credentials: grpc.ChannelCredentials | None = None) -> None:
-        self.channel = (
-            grpc.secure_channel(target, credentials)
-            if credentials
-            else grpc.insecure_channel(target)
-        )
+    def __init__(
+        self,
+        target: str,
+        credentials: grpc.ChannelCredentials | None = None,
+        api_key: str | None = None,
+    ) -> None:
+        self.channel = _channel(target, credentials)
         self.stub = pb_grpc.GenerationServiceStub(self.channel)
+        self.metadata = auth_metadata(api_key)
 
     def generate(
         self,
@@ -78,7 +133,7 @@ class Client:
     ) -> pb.GenerateResponse:
         """The whole completion."""
         request = build_request(pb.GenerateRequest, prompt, adapter, **options)
-        return self.stub.Generate(request, timeout=timeout)
+        return self.stub.Generate(request, timeout=timeout, metadata=self.metadata)
 
     def stream(
         self,
@@ -89,15 +144,16 @@ class Client:
     ) -> Iterator[pb.GenerateStreamResponse]:
         """Deltas as they are generated; `.cancel()` on the result aborts the request."""
         request = build_request(pb.GenerateStreamRequest, prompt, adapter, **options)
-        return self.stub.GenerateStream(request, timeout=timeout)
+        return self.stub.GenerateStream(request, timeout=timeout, metadata=self.metadata)
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> pb.TokenizeResponse:
         return self.stub.Tokenize(
-            pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)
+            pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens),
+            metadata=self.metadata,
         )
 
     def model_info(self) -> pb.GetModelInfoResponse:
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest())
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.metadata)
 
     def close(self) -> None:
         self.channel.close()
@@ -112,13 +168,15 @@ class Client:
 class AsyncClient:
     """asyncio client (grpc.aio); create it inside the running event loop."""
 
-    def __init__(self, target: str, credentials: grpc.ChannelCredentials | None = None) -> None:
-        self.channel = (
-            grpc.aio.secure_channel(target, credentials)
-            if credentials
-            else grpc.aio.insecure_channel(target)
-        )
+    def __init__(
+        self,
+        target: str,
+        credentials: grpc.ChannelCredentials | None = None,
+        api_key: str | None = None,
+    ) -> None:
+        self.channel = _aio_channel(target, credentials)
         self.stub = pb_grpc.GenerationServiceStub(self.channel)
+        self.metadata = auth_metadata(api_key)
 
     async def generate(
         self,
@@ -129,7 +187,7 @@ class AsyncClient:
     ) -> pb.GenerateResponse:
         """The whole completion."""
         request = build_request(pb.GenerateRequest, prompt, adapter, **options)
-        return await self.stub.Generate(request, timeout=timeout)
+        return await self.stub.Generate(request, timeout=timeout, metadata=self.metadata)
 
     async def stream(
         self,
@@ -140,7 +198,7 @@ class AsyncClient:
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         """Deltas as they are generated; leaving the loop early cancels the request."""
         request = build_request(pb.GenerateStreamRequest, prompt, adapter, **options)
-        call = self.stub.GenerateStream(request, timeout=timeout)
+        call = self.stub.GenerateStream(request, timeout=timeout, metadata=self.metadata)
         try:
             async for delta in call:
                 yield delta
@@ -149,11 +207,12 @@ class AsyncClient:
 
     async def tokenize(self, text: str, add_special_tokens: bool = True) -> pb.TokenizeResponse:
         return await self.stub.Tokenize(
-            pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)
+            pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens),
+            metadata=self.metadata,
         )
 
     async def model_info(self) -> pb.GetModelInfoResponse:
-        return await self.stub.GetModelInfo(pb.GetModelInfoRequest())
+        return await self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.metadata)
 
     async def close(self) -> None:
         await self.channel.close()
@@ -212,13 +271,20 @@ class AdapterClient:
     registry records as who made the change. Errors are raised as `grpc.RpcError`.
     """
 
-    def __init__(self, target: str, actor: str | None = None, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        actor: str | None = None,
+        timeout: float | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        api_key: str | None = None,
+    ) -> None:
         self.target = target
         self.actor = actor or default_actor()
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(target)
+        self.channel = _channel(target, credentials)
         self.stub = apb_grpc.AdapterServiceStub(self.channel)
-        self._metadata = ((ACTOR_METADATA, self.actor),)
+        self._metadata = ((ACTOR_METADATA, self.actor), *auth_metadata(api_key))
 
     def _call(self, method: Callable[..., Any], request: Any) -> Any:
         return method(request, metadata=self._metadata, timeout=self.timeout)
@@ -376,8 +442,62 @@ class AdapterClient:
         self.close()
 
 
+class KeyClient:
+    """Blocking client of the API key admin (KeyService); needs an unrestricted admin key."""
+
+    def __init__(
+        self,
+        target: str,
+        credentials: grpc.ChannelCredentials | None = None,
+        api_key: str | None = None,
+        timeout: float | None = 30.0,
+    ) -> None:
+        self.channel = _channel(target, credentials)
+        self.stub = kpb_grpc.KeyServiceStub(self.channel)
+        self.metadata = auth_metadata(api_key)
+        self.timeout = timeout
+
+    def create(
+        self,
+        name: str,
+        role: str,
+        adapters: Sequence[str] = (),
+        requests_per_minute: int = 0,
+        tokens_per_minute: int = 0,
+    ) -> kpb.CreateKeyResponse:
+        """A new key; the response's `secret` is shown only this once."""
+        request = kpb.CreateKeyRequest(
+            name=name,
+            role=kpb.Role.Value(f"ROLE_{role.upper()}"),
+            adapters=adapters,
+            requests_per_minute=requests_per_minute,
+            tokens_per_minute=tokens_per_minute,
+        )
+        return self.stub.CreateKey(request, metadata=self.metadata, timeout=self.timeout)
+
+    def list(self, include_revoked: bool = False) -> list[kpb.ApiKey]:
+        request = kpb.ListKeysRequest(include_revoked=include_revoked)
+        return [*self.stub.ListKeys(request, metadata=self.metadata, timeout=self.timeout).keys]
+
+    def revoke(self, key_id: str) -> kpb.ApiKey:
+        request = kpb.RevokeKeyRequest(id=key_id)
+        return self.stub.RevokeKey(request, metadata=self.metadata, timeout=self.timeout).key
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> KeyClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def wait_until_serving(
-    target: str, timeout: float = 300.0, alive: Callable[[], bool] | None = None
+    target: str,
+    timeout: float = 300.0,
+    alive: Callable[[], bool] | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> None:
     """Block until the gateway's health service reports SERVING (engine loaded).
 
@@ -388,7 +508,7 @@ def wait_until_serving(
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
+    with _channel(target, credentials) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:

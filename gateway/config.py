@@ -89,10 +89,54 @@ class GatewayConfig(BaseModel):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the gateway."""
 
+    # -- access
+    require_api_keys: bool = False
+    """Every call but health and reflection needs an API key (`loraplex keys create`), sent
+    as `authorization: Bearer <key>` metadata. Keys live in the registry database."""
+    insecure_admin: bool = False
+    """Serve the admin API (AdapterService, KeyService) without API keys on a non-loopback
+    address. Without it such a gateway starts with the admin API off (and says so)."""
+    tls_cert_file: Path | None = None
+    """Server certificate chain (PEM); with tls_key_file, the gateway speaks TLS only."""
+    tls_key_file: Path | None = None
+    """Private key of tls_cert_file (PEM)."""
+    tls_client_ca_file: Path | None = None
+    """Mutual TLS: clients must present a certificate signed by this CA (PEM)."""
+
+    # -- limits and admission
+    max_prompt_tokens: int | None = Field(default=None, ge=1)
+    """Longest prompt accepted, in tokens; default: the context length less one."""
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    """Largest max_tokens a request may ask for (also the default when it asks for none);
+    default: what fits in the context."""
+    max_stop_strings: int = Field(default=16, ge=0, le=1024)
+    """Most stop strings per request."""
+    max_stop_string_chars: int = Field(default=256, ge=1, le=65536)
+    """Longest stop string, in characters."""
+    max_request_bytes: int = Field(default=4 << 20, ge=64 << 10, le=1 << 30)
+    """Largest request message (gRPC receive limit); uploads come in chunks below it."""
+    max_pending_requests: int = Field(default=512, ge=1)
+    """Generation requests running or waiting at once; past it, new ones get
+    RESOURCE_EXHAUSTED at once instead of a queue that grows without bound."""
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    """Default rate limit per API key (a key's own limit wins); null: none."""
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+    """Default token budget per API key per minute (prompt + max_tokens charged up front,
+    unused tokens refunded); null: none."""
+
     @property
     def registry_database(self) -> str:
         """The registry's SQLAlchemy URL."""
         return self.registry_url or f"sqlite:///{self.data_dir / 'registry.db'}"
+
+    @property
+    def is_loopback(self) -> bool:
+        """Whether the gateway listens on a loopback address only."""
+        return self.host in ("localhost", "::1") or self.host.startswith("127.")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> GatewayConfig:
@@ -102,6 +146,14 @@ class GatewayConfig(BaseModel):
             raise ValueError(
                 f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})"
             )
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file/tls_key_file")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name} {path} is not a file")
         if self.adapters_dir is not None and not self.adapters_dir.is_dir():
             raise ValueError(f"adapters_dir {self.adapters_dir} is not a directory")
         return self

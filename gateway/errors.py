@@ -76,9 +76,37 @@ class EngineUnavailable(LoraplexError):
 
 
 class Overloaded(LoraplexError):
-    """Admission refused the request; retry later."""
+    """Admission refused the request (queue full, rate limit); retry after `retry_after_s`."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Unauthenticated(LoraplexError):
+    """No valid API key came with the call."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(LoraplexError):
+    """The caller's key may not make this call."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+RETRY_AFTER_METADATA = "retry-after"
+"""Trailing metadata of RESOURCE_EXHAUSTED answers: seconds to wait before retrying."""
+
+
+def trailing_metadata_of(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """What a failed call sends besides its status (the retry-after hint of admission)."""
+    retry_after = getattr(exc, "retry_after_s", None)
+    if retry_after is None:
+        return ()
+    return ((RETRY_AFTER_METADATA, f"{max(retry_after, 0.001):.3f}"),)
 
 
 def code_of(exc: BaseException) -> grpc.StatusCode:
@@ -111,6 +139,7 @@ def grpc_errors(handler: Handler) -> Handler:
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # noqa: BLE001 - mapped (or logged as a bug) in status_of
-            await context.abort(*status_of(exc))
+            code, message = status_of(exc)
+            await context.abort(code, message, trailing_metadata_of(exc))
 
     return wrapper  # type: ignore[return-value]

@@ -10,6 +10,9 @@ from collections.abc import Callable
 
 import grpc
 
+from gateway.admission import Admission
+from gateway.auth import current_key, require_adapter, visible
+from gateway.config import GatewayConfig
 from gateway.domain import (
     FinishReason,
     GenerationChunk,
@@ -139,9 +142,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self,
         pipeline: Callable[[], GenerationPipeline | None],
         metrics: GatewayMetrics | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._metrics = metrics
+        self._admission = admission or Admission(
+            GatewayConfig.model_fields["max_pending_requests"].default
+        )
 
     def _observe(
         self, method: str, reference: str
@@ -164,10 +171,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     ) -> pb.GenerateResponse:
         with self._observe("Generate", request.adapter) as record:
             pipeline = self._ready()
+            require_adapter(request.adapter)
             prepared = pipeline.prepare(request_from_pb(request))
-            record.admitted(prepared)
-            with pipeline.running(prepared.adapter):
-                result = await pipeline.complete(prepared)
+            await pipeline.check_files(prepared)
+            with self._admission.admit(current_key.get(), prepared) as used:
+                record.admitted(prepared)
+                with pipeline.running(prepared.adapter):
+                    result = await pipeline.complete(prepared)
+                used(len(result.token_ids))
             record.chunk(result)
         return response_to_pb(prepared.request_id, result, prepared.adapter)
 
@@ -178,13 +189,19 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         # context.write from a coroutine: measured +12% throughput over an async generator.
         with self._observe("GenerateStream", request.adapter) as record:
             pipeline = self._ready()
+            require_adapter(request.adapter)
             prepared = pipeline.prepare(request_from_pb(request))
-            record.admitted(prepared)
+            await pipeline.check_files(prepared)
             first = True
-            with pipeline.running(prepared.adapter):
+            with (
+                self._admission.admit(current_key.get(), prepared) as used,
+                pipeline.running(prepared.adapter),
+            ):
+                record.admitted(prepared)
                 async with contextlib.aclosing(pipeline.stream(prepared)) as chunks:  # cancel
                     async for chunk in chunks:
                         record.chunk(chunk)
+                        used(len(chunk.token_ids))
                         await context.write(
                             delta_to_pb(prepared.request_id, chunk, prepared.adapter, first)
                         )
@@ -216,6 +233,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     name=a.name, version=a.version, rank=a.rank, target_modules=a.target_modules
                 )
                 for a in pipeline.resolver.servable()
+                if visible(a.name)
             ],
             vocab_size=info.vocab_size,
             engine=info.engine,

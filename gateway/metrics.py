@@ -284,6 +284,12 @@ class GatewayMetrics:
             ["adapter", "alias"],
             registry=r,
         )
+        self.file_errors = Counter(
+            PREFIX + "adapter_file_errors_total",
+            "Adapter versions found with stored files missing or changed (each time one breaks).",
+            ["adapter", "reason"],
+            registry=r,
+        )
         self.gate_verdicts = Counter(
             PREFIX + "gate_verdicts_total",
             "Evaluation verdicts recorded for adapter versions (pass / fail).",
@@ -397,6 +403,9 @@ class GatewayMetrics:
             return
         kind = self.rollbacks if 0 < to_version < from_version else self.promotions
         kind.labels(self.labels(name), alias).inc()
+
+    def adapter_files_broken(self, name: str, reason: str) -> None:
+        self.file_errors.labels(self.labels(name), reason).inc()
 
     def verdict(self, name: str, passed: bool) -> None:
         self.gate_verdicts.labels(self.labels(name), "pass" if passed else "fail").inc()

@@ -9,7 +9,8 @@ import collections
 import contextlib
 import math
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 
 from gateway.domain import (
     Engine,
@@ -23,11 +24,19 @@ from gateway.domain import (
 from gateway.errors import InvalidRequest
 from gateway.resolver import AdapterResolver
 
-MAX_STOP_STRINGS = 16
-MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_REQUEST_ID_CHARS = 256
 MAX_TEMPERATURE = 2.0  # vLLM refuses more
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Operator limits on requests (GatewayConfig's fields of the same names)."""
+
+    max_prompt_tokens: int | None = None
+    max_new_tokens: int | None = None
+    max_stop_strings: int = 16
+    max_stop_string_chars: int = 256
 
 
 def _check_range(
@@ -52,7 +61,7 @@ def validate_sampling(s: Sampling) -> None:
     _check_range("sampling.frequency_penalty", s.frequency_penalty, -2.0, 2.0)
 
 
-def validate_stopping(stop: Stopping, vocab_size: int) -> None:
+def validate_stopping(stop: Stopping, vocab_size: int, limits: RequestLimits) -> None:
     """Checks of the stopping criteria that need no prompt."""
     if stop.max_tokens is not None and stop.max_tokens < 1:
         raise InvalidRequest("stopping.max_tokens", f"must be >= 1, got {stop.max_tokens}")
@@ -63,11 +72,16 @@ def validate_stopping(stop: Stopping, vocab_size: int) -> None:
             "stopping.min_tokens",
             f"({stop.min_tokens}) must not exceed stopping.max_tokens ({stop.max_tokens})",
         )
-    if len(stop.stop) > MAX_STOP_STRINGS:
-        raise InvalidRequest("stopping.stop", f"at most {MAX_STOP_STRINGS} stop strings")
-    if any(not s or len(s) > MAX_STOP_STRING_CHARS for s in stop.stop):
+    if len(stop.stop) > limits.max_stop_strings:
+        raise InvalidRequest("stopping.stop", f"at most {limits.max_stop_strings} stop strings")
+    if any(not s or len(s) > limits.max_stop_string_chars for s in stop.stop):
         raise InvalidRequest(
-            "stopping.stop", f"stop strings must have 1 to {MAX_STOP_STRING_CHARS} characters"
+            "stopping.stop",
+            f"stop strings must have 1 to {limits.max_stop_string_chars} characters",
+        )
+    if limits.max_new_tokens is not None and (stop.max_tokens or 0) > limits.max_new_tokens:
+        raise InvalidRequest(
+            "stopping.max_tokens", f"must be <= {limits.max_new_tokens} (max_new_tokens)"
         )
     if len(stop.stop_token_ids) > MAX_STOP_TOKEN_IDS:
         raise InvalidRequest("stopping.stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids")
@@ -86,9 +100,17 @@ def _check_logprobs(field: str, value: int | None, limit: int) -> None:
 class GenerationPipeline:
     """Turns client requests into engine requests and runs them."""
 
-    def __init__(self, engine: Engine, resolver: AdapterResolver) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        resolver: AdapterResolver,
+        limits: RequestLimits | None = None,
+        file_check: Callable[[ResolvedAdapter], Awaitable[None]] | None = None,
+    ) -> None:
         self.engine = engine
         self.resolver = resolver
+        self.limits = limits or RequestLimits()
+        self.file_check = file_check
         self.in_flight: collections.Counter[tuple[str, int]] = collections.Counter()
 
     def resolve(self, reference: str) -> ResolvedAdapter | None:
@@ -101,7 +123,7 @@ class GenerationPipeline:
         if len(request.request_id) > MAX_REQUEST_ID_CHARS:
             raise InvalidRequest("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters")
         validate_sampling(request.sampling)
-        validate_stopping(request.stopping, info.vocab_size)
+        validate_stopping(request.stopping, info.vocab_size, self.limits)
         _check_logprobs("logprobs", request.logprobs, info.max_logprobs)
         _check_logprobs("prompt_logprobs", request.prompt_logprobs, info.max_logprobs)
         adapter = self.resolve(request.adapter)
@@ -118,6 +140,12 @@ class GenerationPipeline:
             prompt_ids = tuple(self.engine.tokenize(request.prompt_text))
         if not prompt_ids:
             raise InvalidRequest("prompt", "the prompt is empty")
+        if self.limits.max_prompt_tokens and len(prompt_ids) > self.limits.max_prompt_tokens:
+            raise InvalidRequest(
+                "prompt",
+                f"{len(prompt_ids)} prompt tokens; at most {self.limits.max_prompt_tokens} "
+                "(max_prompt_tokens)",
+            )
         room = info.max_context_length - len(prompt_ids)
         if room < 1:
             raise InvalidRequest(
@@ -125,7 +153,7 @@ class GenerationPipeline:
                 f"{len(prompt_ids)} prompt tokens leave no room in the context of "
                 f"{info.max_context_length} tokens",
             )
-        max_tokens = request.stopping.max_tokens or room
+        max_tokens = request.stopping.max_tokens or min(room, self.limits.max_new_tokens or room)
         if max_tokens > room:
             raise InvalidRequest(
                 "stopping.max_tokens",
@@ -147,6 +175,11 @@ class GenerationPipeline:
             prompt_logprobs=request.prompt_logprobs,
             adapter=adapter,
         )
+
+    async def check_files(self, request: EngineRequest) -> None:
+        """Registry mode: the adapter's stored files are still the registered ones."""
+        if request.adapter is not None and self.file_check is not None:
+            await self.file_check(request.adapter)
 
     @contextlib.contextmanager
     def running(self, adapter: ResolvedAdapter | None) -> Iterator[None]:

@@ -20,22 +20,80 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gateway.adapter_service import AdapterServicer
+from gateway.admission import Admission
+from gateway.auth import AuthInterceptor
 from gateway.config import ConfigError, GatewayConfig
 from gateway.domain import Engine
 from gateway.generation import GenerationServicer
+from gateway.key_service import KeyServicer
+from gateway.keys import KeyRing, KeyStore
 from gateway.metrics import REGISTRY, AdapterLabels, AliasCollector, GatewayMetrics, serve_http
-from gateway.pipeline import GenerationPipeline
+from gateway.pipeline import GenerationPipeline, RequestLimits
+from gateway.registry.integrity import ArtifactCheck
 from gateway.registry.service import Registry
 from gateway.registry.validate import BaseModelFacts
 from gateway.resolver import AdapterResolver, DirectoryResolver
-from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
+from loraplex.v1 import (
+    adapters_pb2,
+    adapters_pb2_grpc,
+    generation_pb2,
+    generation_pb2_grpc,
+    keys_pb2,
+    keys_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 
 GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 ADAPTER_SERVICE = adapters_pb2.DESCRIPTOR.services_by_name["AdapterService"].full_name
+KEY_SERVICE = keys_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
 WATCHDOG_INTERVAL_S = 1.0
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_SEND_MESSAGE_BYTES = 64 * 1024 * 1024  # a long completion with top-20 logprobs is large
+
+
+def open_key_ring(config: GatewayConfig) -> KeyRing:
+    """The API keys of `require_api_keys`, from the registry database."""
+    if config.registry_url is None:
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+    ring = KeyRing(KeyStore(config.registry_database))
+    if not len(ring):
+        log.warning(
+            "require_api_keys is on but no key exists: every call will be refused until an "
+            "admin runs `loraplex keys create` against %s",
+            config.registry_database.split("@")[-1],
+        )
+    return ring
+
+
+def admin_api_allowed(config: GatewayConfig) -> bool:
+    """Whether to serve AdapterService: with keys, on loopback, or when told it is insecure."""
+    if config.require_api_keys or config.is_loopback:
+        return True
+    if config.insecure_admin:
+        log.warning(
+            "INSECURE: the admin API on %s takes calls from anyone who can reach it "
+            "(no API keys; insecure_admin is set)",
+            config.host,
+        )
+        return True
+    log.error(
+        "admin API OFF: no API keys (require_api_keys) on the non-loopback address %s; "
+        "registration and promotion are refused (UNIMPLEMENTED). Create keys and set "
+        "require_api_keys, or set insecure_admin to serve it without keys",
+        config.host,
+    )
+    return False
+
+
+def server_credentials(config: GatewayConfig) -> grpc.ServerCredentials:
+    """TLS (mutual TLS with tls_client_ca_file) from the configured PEM files."""
+    assert config.tls_cert_file is not None and config.tls_key_file is not None
+    client_ca = config.tls_client_ca_file.read_bytes() if config.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(config.tls_key_file.read_bytes(), config.tls_cert_file.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
 
 
 def open_registry(config: GatewayConfig) -> Registry:
@@ -70,33 +128,48 @@ class Gateway:
             self.metrics = GatewayMetrics(labels, REGISTRY)
             REGISTRY.register(AliasCollector(self._aliases, labels))
         self.health = health.aio.HealthServicer()
+        self.keys = open_key_ring(config) if config.require_api_keys else None
         self.server = grpc.aio.server(
+            interceptors=[AuthInterceptor(self.keys)] if self.keys is not None else None,
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", config.max_request_bytes),
+                ("grpc.max_send_message_length", MAX_SEND_MESSAGE_BYTES),
                 # HTTP/2 BDP probing pings (window tuning for bulk transfers over long links)
                 # cost token streams +15-30% throughput and 4x the TTFT p99 (benchmarks/).
                 ("grpc.http2.bdp_probe", 0),
-            ]
+            ],
+        )
+        admission = Admission(
+            config.max_pending_requests, config.requests_per_minute, config.tokens_per_minute
         )
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
-            GenerationServicer(lambda: self.pipeline, self.metrics), self.server
+            GenerationServicer(lambda: self.pipeline, self.metrics, admission), self.server
         )
-        adapters_pb2_grpc.add_AdapterServiceServicer_to_server(
-            AdapterServicer(lambda: self.registry, lambda: self.pipeline, self.metrics),
-            self.server,
-        )
+        services = [GENERATION_SERVICE]
+        if admin_api_allowed(config):
+            adapters_pb2_grpc.add_AdapterServiceServicer_to_server(
+                AdapterServicer(lambda: self.registry, lambda: self.pipeline, self.metrics),
+                self.server,
+            )
+            services.append(ADAPTER_SERVICE)
+        if self.keys is not None:
+            keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(self.keys), self.server)
+            services.append(KEY_SERVICE)
+        self.services = tuple(services)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [
-                GENERATION_SERVICE,
-                ADAPTER_SERVICE,
+                *services,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ],
             self.server,
         )
-        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        address = f"{config.host}:{config.port}"
+        if config.tls:
+            self.port = self.server.add_secure_port(address, server_credentials(config))
+        else:
+            self.port = self.server.add_insecure_port(address)
         self._stop = asyncio.Event()
         self._exit_code = 0
 
@@ -114,7 +187,7 @@ class Gateway:
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for service in ("", GENERATION_SERVICE, ADAPTER_SERVICE):
+        for service in ("", *self.services):
             await self.health.set(service, status)
 
     async def _start_engine(self, resolver: AdapterResolver) -> Engine:
@@ -156,7 +229,17 @@ class Gateway:
             loop.add_signal_handler(sig, self.request_stop)
         await self._set_health(False)
         await self.server.start()
-        log.info("loraplex gateway listening on %s:%d", self.config.host, self.port)
+        log.info(
+            "loraplex gateway listening on %s:%d (%s, %s)",
+            self.config.host,
+            self.port,
+            "mutual TLS"
+            if self.config.tls_client_ca_file
+            else "TLS"
+            if self.config.tls
+            else "plaintext",
+            f"API keys: {len(self.keys)} active" if self.keys is not None else "no API keys",
+        )
         if self.config.metrics_port is not None:
             port = serve_http(REGISTRY, self.config.host, self.config.metrics_port)
             log.info("metrics on http://%s:%d/metrics", self.config.host, port)
@@ -175,7 +258,17 @@ class Gateway:
         gc.freeze()
         tasks = []
         if not self._stop.is_set():
-            self.pipeline = GenerationPipeline(engine, resolver)
+            limits = RequestLimits(
+                max_prompt_tokens=self.config.max_prompt_tokens,
+                max_new_tokens=self.config.max_new_tokens,
+                max_stop_strings=self.config.max_stop_strings,
+                max_stop_string_chars=self.config.max_stop_string_chars,
+            )
+            file_check = None
+            if self.registry is not None:  # immutable artifacts: a change is damage
+                hook = self.metrics.adapter_files_broken if self.metrics is not None else None
+                file_check = ArtifactCheck(hook).check
+            self.pipeline = GenerationPipeline(engine, resolver, limits, file_check)
             await self._set_health(True)
             log.info("engine ready: %s, %d adapters", engine.info.engine, len(resolver.servable()))
             tasks.append(asyncio.create_task(self._watchdog(engine)))
@@ -187,6 +280,9 @@ class Gateway:
                     self._stop,
                 )
                 tasks.append(asyncio.create_task(poll))
+            if self.keys is not None:
+                follow_keys = self.keys.follow(self.config.registry_poll_interval_s, self._stop)
+                tasks.append(asyncio.create_task(follow_keys))
             if self.registry is not None:
                 self.registry.view.prewarm = engine.add_adapter
                 follow = self.registry.view.follow(self.config.registry_poll_interval_s, self._stop)
@@ -200,6 +296,8 @@ class Gateway:
         await engine.shutdown()
         if self.registry is not None:
             self.registry.close()
+        if self.keys is not None:
+            self.keys.store.close()
         log.info("gateway stopped (exit %d)", self._exit_code)
         return self._exit_code
 

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from pydantic import TypeAdapter
 
-from gateway.cli_adapters import DEFAULT_TARGET, _connect, _fail, _print_registered
+from gateway.cli_adapters import DEFAULT_TARGET, _connect, _print_registered, fail
 from trainer.config import ConfigError, DType, Method, QuantizationSettings, load_config
 
 train_app = typer.Typer(
@@ -53,13 +53,13 @@ def _train(
     name: str | None,
 ) -> None:
     if register and not name:
-        _fail("--register needs --name", 2)
+        fail("--register needs --name", 2)
     if register and method == "reward":
-        _fail("reward models are judges for the eval suite, not served: drop --register", 2)
+        fail("reward models are judges for the eval suite, not served: drop --register", 2)
     try:
         run_config = load_config(method, config, overrides)
     except ConfigError as exc:
-        _fail(str(exc), 2)
+        fail(str(exc), 2)
 
     from trainer.data import DataError  # torch, trl: only when training
     from trainer.run import RunError, run_training
@@ -67,7 +67,7 @@ def _train(
     try:
         result = run_training(run_config, resume=resume, echo=typer.echo)
     except (ConfigError, DataError, RunError) as exc:
-        _fail(str(exc), 2)
+        fail(str(exc), 2)
     if result.interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
     if not register:
@@ -140,9 +140,9 @@ def quantize_base(
     weights; point model.path at it and keep the same quantization section.
     """
     if not (model / "config.json").is_file():
-        _fail(f"{model} is not a model folder (no config.json)", 2)
+        fail(f"{model} is not a model folder (no config.json)", 2)
     if out.exists() and any(out.iterdir()):
-        _fail(f"{out} exists and is not empty", 2)
+        fail(f"{out} exists and is not empty", 2)
     try:
         settings = QuantizationSettings(
             bnb_4bit_quant_type=quant_type,
@@ -151,7 +151,7 @@ def quantize_base(
         )
         DTYPE_CHECK.validate_python(dtype)
     except ValueError as exc:
-        _fail(str(exc), 2)
+        fail(str(exc), 2)
 
     from trainer.modeling import save_4bit_base
 

@@ -275,7 +275,8 @@ def check_alias_move(alias: str, force: bool, reason: str) -> None:
 # ---------------------------------------------------------------- the store
 
 
-def _make_engine(url: str) -> Engine:
+def make_db_engine(url: str) -> Engine:
+    """A SQLAlchemy engine for the registry database (SQLite: WAL, full sync, IMMEDIATE writes)."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
@@ -302,7 +303,7 @@ class RegistryStore:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.engine = _make_engine(url)
+        self.engine = make_db_engine(url)
         self.is_postgres = self.engine.dialect.name == "postgresql"
         self._migrate()
 

@@ -32,6 +32,7 @@ from sqlalchemy import JSON, BigInteger, DateTime, Integer, String, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from gateway.errors import InvalidRequest, LoraplexError
+from gateway.registry.artifacts import failpoint
 from gateway.registry.store import make_db_engine
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,7 @@ class KeyStore:
             session.add(row)
             session.flush()
             record = _record(row)
+            failpoint("key_create_before_commit")
         return record, secret
 
     def list(self, include_revoked: bool = False) -> list[ApiKey]:
@@ -216,6 +218,7 @@ class KeyStore:
                 row.revoked_at = dt.datetime.now(dt.UTC)
                 row.revoked_by = actor[:256]
             session.flush()
+            failpoint("key_revoke_before_commit")
             return _record(row)
 
     def active(self) -> dict[str, tuple[ApiKey, str, str]]:

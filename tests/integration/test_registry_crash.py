@@ -87,3 +87,41 @@ async def test_sigkill_mid_registration_leaves_a_consistent_registry(
         assert record.number == (2 if point == "after_commit" else 1)
     finally:
         registry.close()
+
+
+@pytest.mark.parametrize("point", ["key_create_before_commit", "key_revoke_before_commit"])
+def test_sigkill_mid_key_change_leaves_keys_as_they_were(point, registry_url, tmp_path):
+    """`loraplex keys create|revoke` killed inside its transaction: the change did not happen."""
+    from gateway.keys import KeyRing, KeyStore
+
+    store = KeyStore(registry_url)
+    kept, kept_secret = store.create("kept", "admin", "test")
+    marker = tmp_path / f"reached-{point}"
+    env = {**os.environ, PAUSE_ENV: point, f"{PAUSE_ENV}_MARKER": str(marker)}
+    command = ["create", "doomed", "--role", "infer"]
+    if point == "key_revoke_before_commit":
+        command = ["revoke", kept.id]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "keys", *command, "--registry-url", registry_url],
+        env=env,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert child.poll() is None, child.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "the child never reached the failpoint"
+        time.sleep(0.02)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    store.close()
+
+    reopened = KeyStore(registry_url)  # as a restarted gateway or CLI would
+    try:
+        keys = reopened.list(include_revoked=True)
+        assert [(k.name, k.revoked_at) for k in keys] == [("kept", None)]
+        assert KeyRing(reopened).authenticate(kept_secret) == keys[0]
+        # and the database takes writes again (no lock left behind by the killed writer)
+        reopened.revoke(kept.id, "test")
+        assert reopened.list() == []
+    finally:
+        reopened.close()

@@ -8,11 +8,15 @@ from pathlib import Path
 import grpc
 
 from gateway.adapter_service import AdapterServicer
+from gateway.admission import Admission
+from gateway.auth import AuthInterceptor
 from gateway.generation import GenerationServicer
+from gateway.key_service import KeyServicer
+from gateway.keys import KeyRing
 from gateway.pipeline import GenerationPipeline
 from gateway.registry.service import Registry
 from gateway.registry.validate import BaseModelFacts
-from loraplex.v1 import adapters_pb2_grpc, generation_pb2_grpc
+from loraplex.v1 import adapters_pb2_grpc, generation_pb2_grpc, keys_pb2_grpc
 from tests.unit.fakes import FakeEngine
 
 MAX_RANK = 16
@@ -41,8 +45,15 @@ async def start_registry_server(
     url: str = "",
     max_rank: int = MAX_RANK,
     max_bytes: int = MAX_BYTES,
+    keys: KeyRing | None = None,
+    credentials: grpc.ServerCredentials | None = None,
+    admission: Admission | None = None,
 ) -> RegistryServer:
-    """Serve AdapterService + GenerationService on a free loopback port."""
+    """Serve AdapterService + GenerationService on a free loopback port.
+
+    With `keys`: API keys required (the gateway's interceptor) and KeyService served; with
+    `credentials`: TLS.
+    """
     registry = Registry.open(
         url or f"sqlite:///{data_dir / 'registry.db'}",
         data_dir,
@@ -53,13 +64,18 @@ async def start_registry_server(
     await registry.view.refresh(force=True)
     engine = FakeEngine()
     pipeline = GenerationPipeline(engine, registry.view)
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=[AuthInterceptor(keys)] if keys is not None else None)
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(
-        GenerationServicer(lambda: pipeline), server
+        GenerationServicer(lambda: pipeline, admission=admission), server
     )
     adapters_pb2_grpc.add_AdapterServiceServicer_to_server(
         AdapterServicer(lambda: registry, lambda: pipeline), server
     )
-    port = server.add_insecure_port("127.0.0.1:0")
+    if keys is not None:
+        keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(keys), server)
+    if credentials is not None:
+        port = server.add_secure_port("127.0.0.1:0", credentials)
+    else:
+        port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return RegistryServer(f"127.0.0.1:{port}", registry, engine, pipeline, server, data_dir)

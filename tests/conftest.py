@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
 from gateway.client import AdapterClient, Client, wait_until_serving
@@ -43,7 +44,11 @@ class RunningGateway:
 
 
 def launch_gateway(
-    model: TinyModel, log: Path, *extra: str, data_dir: Path | None = None
+    model: TinyModel,
+    log: Path,
+    *extra: str,
+    data_dir: Path | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> RunningGateway:
     """Start a gateway on a free loopback port and wait until it is SERVING.
 
@@ -66,7 +71,9 @@ def launch_gateway(
     process = start_gateway(args, log)
     gateway = RunningGateway(f"127.0.0.1:{port}", process, log, metrics_port)
     try:
-        wait_until_serving(gateway.target, timeout=300, alive=lambda: process.poll() is None)
+        wait_until_serving(
+            gateway.target, 300, lambda: process.poll() is None, credentials=credentials
+        )
     except (TimeoutError, RuntimeError):
         kill(process)
         raise RuntimeError(f"gateway did not start; log:\n{log.read_text()[-4000:]}") from None

@@ -306,3 +306,43 @@ async def test_tls_and_mutual_tls(tiny_model, tmp_path):
     finally:
         await server.stop()
     shutil.rmtree(tmp_path / "tls")
+
+
+@pytest.mark.parametrize(
+    ("host", "settings", "admin_api"),
+    [
+        ("127.0.0.1", {}, True),
+        ("0.0.0.0", {}, False),
+        ("0.0.0.0", {"insecure_admin": True}, True),
+        ("0.0.0.0", {"require_api_keys": True}, True),
+    ],
+)
+async def test_admin_api_needs_keys_off_loopback(
+    tiny_model, tmp_path, caplog, host, settings, admin_api
+):
+    """Without keys on a non-loopback address AdapterService is not served, and the log says so."""
+    from gateway.config import GatewayConfig
+    from gateway.server import Gateway
+
+    config = GatewayConfig(
+        model=str(tiny_model.base), host=host, port=0, metrics_port=None,
+        data_dir=tmp_path / "data", **settings,
+    )  # fmt: skip
+    gateway = Gateway(config)
+    await gateway.server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+            stub = adapters_pb2_grpc.AdapterServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.ListAdapters(apb.ListAdaptersRequest(), timeout=10)
+    finally:
+        await gateway.server.stop(0)
+        if gateway.keys is not None:
+            gateway.keys.store.close()
+    if admin_api:  # served: refused for another reason (no key, or no registry yet)
+        assert err.value.code() != grpc.StatusCode.UNIMPLEMENTED
+    else:
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "admin API OFF" in caplog.text
+    if settings.get("insecure_admin"):
+        assert "INSECURE" in caplog.text

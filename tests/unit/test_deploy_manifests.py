@@ -308,6 +308,8 @@ def test_gateway_deployment_drains_and_probes_grpc_health(overlay):
     deployment, container, config = gateway_parts(objects)
     pod = deployment["spec"]["template"]["spec"]
     assert config.host == "0.0.0.0" and config.adapters_dir is None  # registry mode
+    # on every interface: API keys on (without them the admin API would be off)
+    assert config.require_api_keys and not config.insecure_admin
     grpc_port = port_named(container, "grpc")
     assert grpc_port == config.port == 50051
     assert port_named(container, "metrics") == config.metrics_port == 9400
@@ -568,7 +570,9 @@ def test_compose_wiring():
     assert gateway["environment"]["PGPASSWORD"] == postgres["environment"]["POSTGRES_PASSWORD"]
     # drain: compose waits longer than the gateway drains
     assert _seconds(gateway["stop_grace_period"]) > config.grace_period_s
-    assert f"{config.port}:{config.port}" in gateway["ports"]
+    # the admin API goes without keys (insecure_admin) only because gRPC is published on loopback
+    assert f"127.0.0.1:{config.port}:{config.port}" in gateway["ports"]
+    assert config.insecure_admin and not config.require_api_keys
     # Prometheus scrapes the gateway service's metrics port, with the rules from deploy/
     prometheus = services["prometheus"]
     scrape_config = _mount(prometheus, "/etc/prometheus/prometheus.yml")

@@ -12,7 +12,13 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
-from gateway.auth import current_key, require_adapter, require_owner, visible
+from gateway.auth import (
+    current_key,
+    require_adapter,
+    require_owner,
+    require_unrestricted,
+    visible,
+)
 from gateway.errors import EngineUnavailable, InvalidRequest, NotSupported, grpc_errors
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import GenerationPipeline
@@ -195,7 +201,9 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
         self, request: pb.RegisterAdapterRequest, context: grpc.aio.ServicerContext
     ) -> pb.RegisterAdapterResponse:
         registry = self._reg()
-        require_owner(request.name)
+        require_unrestricted(
+            "RegisterAdapter reads any folder on the gateway host; use UploadAdapter"
+        )
         if not request.path:
             raise InvalidRequest("path", "give the adapter folder on the gateway host")
         engine = self._serving().engine
@@ -266,13 +274,25 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
         self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAdaptersResponse:
         size = _limit("page_size", request.page_size)
-        records = await self._reg().list_adapters(size + 1, request.page_token)
+        records = await self._visible_adapters(size + 1, request.page_token)
         page, more = records[:size], len(records) > size
         residency = await self._residency()
         return pb.ListAdaptersResponse(
-            adapters=[self._adapter_to_pb(a, residency) for a in page if visible(a.name)],
+            adapters=[self._adapter_to_pb(a, residency) for a in page],
             next_page_token=page[-1].name if more else "",
         )
+
+    async def _visible_adapters(self, limit: int, after: str) -> list[AdapterRecord]:
+        """Up to `limit` adapters the caller may see, by name after `after`: filtered before
+        paging, so neither a page nor its next-page token names anyone else's adapter."""
+        found: list[AdapterRecord] = []
+        while len(found) < limit:
+            batch = await self._reg().list_adapters(MAX_PAGE_SIZE, after)
+            found.extend(a for a in batch if visible(a.name))
+            if len(batch) < MAX_PAGE_SIZE:
+                break
+            after = batch[-1].name
+        return found[:limit]
 
     @grpc_errors
     async def ListVersions(
@@ -330,7 +350,11 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
         removed = await self._reg().delete_version(
             request.adapter, request.version, actor_of(context), request.reason, in_flight
         )
-        return pb.DeleteVersionResponse(artifact_removed=removed)
+        # kept files mean another version (maybe another tenant's) has the same weights
+        key = current_key.get()
+        return pb.DeleteVersionResponse(
+            artifact_removed=removed or not (key is None or key.unrestricted)
+        )
 
     @grpc_errors
     async def RecordEvaluation(

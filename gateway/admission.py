@@ -80,6 +80,22 @@ class Admission:
             if bucket.wait_for(bucket.capacity, now) == 0:
                 del self._buckets[name]
 
+    def check_room(self, key: ApiKey | None) -> None:
+        """Refuse early (before tokenizing) when no slot or no request budget is left."""
+        if self.pending >= self.max_pending:
+            raise self._full()
+        if key is not None:
+            bucket = self._bucket(key, "requests", key.requests_per_minute or self.default_rpm)
+            wait = bucket.wait_for(1, time.monotonic()) if bucket is not None else 0.0
+            if wait > 0:
+                raise Overloaded(f"rate limit of key {key.id!r}: requests per minute", wait)
+
+    def _full(self) -> Overloaded:
+        return Overloaded(
+            f"the gateway has {self.pending} requests pending (max_pending_requests); retry later",
+            PENDING_RETRY_AFTER_S,
+        )
+
     @contextlib.contextmanager
     def admit(self, key: ApiKey | None, request: EngineRequest) -> Iterator[Callable[[int], None]]:
         """Hold a pending slot (and the key's budget) while the request runs.
@@ -88,11 +104,7 @@ class Admission:
         Raises Overloaded (RESOURCE_EXHAUSTED) with a retry-after hint instead of queueing.
         """
         if self.pending >= self.max_pending:
-            raise Overloaded(
-                f"the gateway has {self.pending} requests pending (max_pending_requests); "
-                "retry later",
-                PENDING_RETRY_AFTER_S,
-            )
+            raise self._full()
         cost = len(request.prompt_token_ids) + request.max_tokens
         requests_bucket = tokens_bucket = None
         if key is not None:

@@ -80,6 +80,13 @@ def require_owner(name: str) -> None:
         )
 
 
+def require_unrestricted(why: str) -> None:
+    """PERMISSION_DENIED for keys limited to some adapters."""
+    key = current_key.get()
+    if key is not None and not key.unrestricted:
+        raise PermissionDenied(f"this key is limited to adapters {list(key.adapters)}: {why}")
+
+
 def bearer_secret(metadata: Any) -> str | None:
     """The secret of an `authorization: Bearer <secret>` metadata entry, if any."""
     for key, value in metadata or ():

@@ -172,13 +172,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         with self._observe("Generate", request.adapter) as record:
             pipeline = self._ready()
             require_adapter(request.adapter)
+            self._admission.check_room(current_key.get())  # before any work is spent on it
             prepared = pipeline.prepare(request_from_pb(request))
             await pipeline.check_files(prepared)
             with self._admission.admit(current_key.get(), prepared) as used:
                 record.admitted(prepared)
                 with pipeline.running(prepared.adapter):
-                    result = await pipeline.complete(prepared)
-                used(len(result.token_ids))
+                    result = await pipeline.complete(prepared, used)
             record.chunk(result)
         return response_to_pb(prepared.request_id, result, prepared.adapter)
 
@@ -190,6 +190,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         with self._observe("GenerateStream", request.adapter) as record:
             pipeline = self._ready()
             require_adapter(request.adapter)
+            self._admission.check_room(current_key.get())  # before any work is spent on it
             prepared = pipeline.prepare(request_from_pb(request))
             await pipeline.check_files(prepared)
             first = True

@@ -259,7 +259,10 @@ class KeyRing:
         if entry is None and now - self._last_unknown_reload >= UNKNOWN_KEY_RELOAD_S:
             # created on another replica since the last poll (bounded: no DB flood from guessing)
             self._last_unknown_reload = now
-            self.reload()
+            try:
+                self.reload()
+            except Exception as exc:  # noqa: BLE001 - the database is down: the last copy holds
+                log.warning("reloading API keys failed (using the last copy): %s", exc)
             entry = self._keys.get(match.group(1))
         if entry is None:
             return None

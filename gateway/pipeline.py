@@ -197,11 +197,18 @@ class GenerationPipeline:
         """Deltas of a prepared request (run it inside `running`)."""
         return self.engine.generate(request, stream=True)
 
-    async def complete(self, request: EngineRequest) -> GenerationChunk:
-        """The whole completion of a prepared request (run it inside `running`)."""
+    async def complete(
+        self, request: EngineRequest, progress: Callable[[int], None] | None = None
+    ) -> GenerationChunk:
+        """The whole completion of a prepared request (run it inside `running`).
+
+        `progress` hears the tokens of each engine output as it arrives (admission's refunds).
+        """
         result = GenerationChunk()
         async with contextlib.aclosing(self.engine.generate(request, stream=False)) as chunks:
             async for chunk in chunks:
+                if progress is not None:
+                    progress(len(chunk.token_ids))
                 result.text += chunk.text
                 result.token_ids.extend(chunk.token_ids)
                 result.logprobs.extend(chunk.logprobs)

@@ -56,6 +56,12 @@ def open_key_ring(config: GatewayConfig) -> KeyRing:
     if config.registry_url is None:
         config.data_dir.mkdir(parents=True, exist_ok=True)
     ring = KeyRing(KeyStore(config.registry_database))
+    if not config.tls and not config.is_loopback:
+        log.warning(
+            "API keys travel in plaintext to %s: set tls_cert_file/tls_key_file, or terminate "
+            "TLS in front of the gateway",
+            config.host,
+        )
     if not len(ring):
         log.warning(
             "require_api_keys is on but no key exists: every call will be refused until an "

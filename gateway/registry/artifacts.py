@@ -107,9 +107,12 @@ class ArtifactStore:
         failpoint("before_rename")
         sha256 = folder_digest(staging)
         target = self.path(sha256)
-        if target.is_dir():
+        if target.is_dir() and self._intact(target):
             shutil.rmtree(staging)
             return Artifact(sha256, target, created=False)
+        if target.is_dir():  # damaged after it was stored: this good copy replaces it
+            with contextlib.suppress(FileNotFoundError):  # a concurrent put replaced it first
+                self.remove(sha256)
         try:
             staging.rename(target)
         except OSError:  # a concurrent put of the same content won the rename
@@ -119,6 +122,13 @@ class ArtifactStore:
             return Artifact(sha256, target, created=False)
         _fsync(self.objects)
         return Artifact(sha256, target, created=True)
+
+    @staticmethod
+    def _intact(target: Path) -> bool:
+        try:
+            return folder_digest(target) == target.name
+        except OSError:
+            return False
 
     def remove(self, sha256: str) -> None:
         """Delete an object (the caller knows no version references it)."""

@@ -5,7 +5,8 @@ request for a version in this process hashes its files (in a thread) against tha
 requests compare one stat per file with what was verified, microseconds. A mismatch (files
 deleted, truncated, rewritten) makes that version fail with FAILED_PRECONDITION, with a log line
 and a metric naming the adapter, while every other adapter keeps serving. Restoring the files
-(or registering the adapter again) heals it: the next request verifies them anew.
+or registering the adapter again (which replaces a damaged stored copy) heals it: the next
+request verifies them anew.
 """
 
 from __future__ import annotations
@@ -63,8 +64,11 @@ class ArtifactCheck:
             if stamp is None:
                 reason = "missing"
             else:
-                digest = await asyncio.to_thread(folder_digest, path)
-                reason = "" if digest == path.name else "changed"
+                try:
+                    digest = await asyncio.to_thread(folder_digest, path)
+                except OSError:  # vanished or unreadable while being hashed
+                    digest = None
+                reason = "" if digest == path.name else "changed" if digest else "missing"
             if not reason:
                 self._verified[path] = stamp  # type: ignore[assignment]
                 if self._broken.pop(path, None) is not None:
@@ -88,9 +92,8 @@ class ArtifactCheck:
         fix = (
             "are missing; register the adapter again to restore them"
             if reason == "missing"
-            else "changed since registration; restore the original files"
-        )
+            else "changed since registration; register the adapter again to restore them"
+        )  # the path is in the gateway's log, not in answers to clients
         raise AdapterUnavailable(
-            f"adapter {adapter.name}@v{adapter.version} cannot be served: its stored files "
-            f"{fix} ({adapter.path})"
+            f"adapter {adapter.name}@v{adapter.version} cannot be served: its stored files {fix}"
         )

@@ -26,6 +26,8 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
+from google.protobuf import message_factory
+from google.protobuf.descriptor import FieldDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -476,6 +478,155 @@ def test_fuzzed_requests_never_get_internal_or_unknown(secure):
     assert seen.get("OK", 0) > 10 and seen.get("INVALID_ARGUMENT", 0) > 10  # both sides hit
     with Client(secure.gateway.target, secure.credentials, api_key=secure.keys["admin"]) as c:
         assert c.model_info().unfinished_requests == 0
+
+
+_INT_RANGES = {
+    FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_SINT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_SFIXED32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_INT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_SINT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_SFIXED64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_UINT32: (0, 2**32 - 1),
+    FieldDescriptor.TYPE_FIXED32: (0, 2**32 - 1),
+    FieldDescriptor.TYPE_UINT64: (0, 2**64 - 1),
+    FieldDescriptor.TYPE_FIXED64: (0, 2**64 - 1),
+}
+
+
+def _scalar(field: FieldDescriptor, names: list[str]) -> st.SearchStrategy:
+    kind = field.type
+    if kind in _INT_RANGES:
+        low, high = _INT_RANGES[kind]
+        return st.integers(-3, 40) | st.integers(low, high)
+    if kind in (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE):
+        return st.floats(width=32 if kind == FieldDescriptor.TYPE_FLOAT else 64)
+    if kind == FieldDescriptor.TYPE_BOOL:
+        return st.booleans()
+    if kind == FieldDescriptor.TYPE_BYTES:
+        return st.binary(max_size=300)
+    if kind == FieldDescriptor.TYPE_ENUM:
+        numbers = [v.number for v in field.enum_type.values]
+        return st.sampled_from(numbers) | st.integers(-5, 2**31 - 1)  # open enums
+    return st.sampled_from(names) | st.text(max_size=60)  # strings
+
+
+def _message(descriptor, names: list[str], depth: int = 0) -> st.SearchStrategy:
+    """Any message of this type: each field unset or any value its wire type allows."""
+    cls = message_factory.GetMessageClass(descriptor)
+    if depth > 2:
+        return st.just(cls())
+    parts = {}
+    for field in descriptor.fields:
+        if field.type == FieldDescriptor.TYPE_MESSAGE:
+            value = st.deferred(lambda f=field: _message(f.message_type, names, depth + 1))
+        else:
+            value = _scalar(field, names)
+        if field.label == FieldDescriptor.LABEL_REPEATED:
+            value = st.lists(value, max_size=4)
+        parts[field.name] = st.none() | value
+
+    def build(values: dict) -> object:
+        message = cls()
+        for name, value in values.items():
+            if value is None:
+                continue
+            field = descriptor.fields_by_name[name]
+            target = getattr(message, name)
+            if field.message_type is not None and field.message_type.GetOptions().map_entry:
+                for entry in value:  # map<k, v> arrives as a list of entry messages
+                    if field.message_type.fields_by_name["value"].message_type is not None:
+                        target[entry.key].CopyFrom(entry.value)
+                    else:
+                        target[entry.key] = entry.value
+            elif field.label == FieldDescriptor.LABEL_REPEATED:
+                if field.type == FieldDescriptor.TYPE_MESSAGE:
+                    for item in value:
+                        target.add().CopyFrom(item)
+                else:
+                    target.extend(value)
+            elif field.type == FieldDescriptor.TYPE_MESSAGE:
+                target.CopyFrom(value)
+            else:
+                setattr(message, name, value)
+        return message
+
+    return st.fixed_dictionaries(parts).map(build)
+
+
+def _every_method() -> list:
+    from loraplex.v1 import adapters_pb2, keys_pb2
+
+    return [
+        method
+        for file in (pb, adapters_pb2, keys_pb2)
+        for service in file.DESCRIPTOR.services_by_name.values()
+        for method in service.methods
+    ]
+
+
+def test_fuzzed_messages_of_every_rpc_never_get_internal_or_unknown(secure):
+    """Every field of every request message of every RPC, as an admin (so calls get through)."""
+    methods = _every_method()
+    names = [*secure.adapters[:4], "production", "candidate", "v1", "team-a-00@v1", ""]
+    seen: dict[str, int] = {}
+    channel = grpc.secure_channel(secure.gateway.target, secure.credentials)
+    metadata = (("authorization", f"Bearer {secure.keys['admin']}"),)
+    call_of = {}
+    for method in methods:
+        path = f"/{method.containing_service.full_name}/{method.name}"
+        request_cls = message_factory.GetMessageClass(method.input_type)
+        reply_cls = message_factory.GetMessageClass(method.output_type)
+        kind = ("stream_" if method.client_streaming else "unary_") + (
+            "stream" if method.server_streaming else "unary"
+        )
+        call_of[method.full_name] = getattr(channel, kind)(
+            path, request_serializer=request_cls.SerializeToString,
+            response_deserializer=reply_cls.FromString,
+        )  # fmt: skip
+    by_method = st.sampled_from(methods).flatmap(
+        lambda m: st.tuples(
+            st.just(m), st.lists(_message(m.input_type, names), min_size=1, max_size=3)
+        )
+    )
+
+    @settings(
+        max_examples=250, deadline=None, derandomize=True, database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )  # fmt: skip
+    @given(case=by_method)
+    def check(case) -> None:
+        method, requests = case
+        if method.input_type.name in ("GenerateRequest", "GenerateStreamRequest"):
+            for request in requests:  # keep generation short; everything else stays random
+                if request.stopping.HasField("max_tokens"):
+                    request.stopping.max_tokens = min(request.stopping.max_tokens, 32)
+        call = call_of[method.full_name]
+        try:
+            if method.client_streaming:
+                call(iter(requests), metadata=metadata, timeout=60)
+            elif method.server_streaming:
+                for _ in call(requests[0], metadata=metadata, timeout=60):
+                    pass
+            else:
+                call(requests[0], metadata=metadata, timeout=60)
+            code = grpc.StatusCode.OK
+        except grpc.RpcError as exc:
+            code = exc.code()
+            assert code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), (
+                method.full_name, exc.details(),
+            )  # fmt: skip
+        key = f"{method.name}:{code.name}"
+        seen[key] = seen.get(key, 0) + 1
+        assert secure.gateway.process.poll() is None, "the gateway died"
+
+    try:
+        check()
+    finally:
+        channel.close()
+    print(f"fuzz outcomes by RPC: {dict(sorted(seen.items()))}")
+    called = {key.split(":")[0] for key in seen}
+    assert called == {m.name for m in methods}  # every RPC was fuzzed
 
 
 # ---------------------------------------------------------------- faults

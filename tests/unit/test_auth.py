@@ -158,6 +158,8 @@ def expected(key: str, rpc: str, tenant: str) -> grpc.StatusCode | str:
         return ALLOWED if key == "admin" else grpc.StatusCode.PERMISSION_DENIED
     if rpc not in GENERATION and not is_admin:
         return grpc.StatusCode.PERMISSION_DENIED
+    if limited and rpc == "RegisterAdapter":  # reads host paths: unrestricted admins only
+        return grpc.StatusCode.PERMISSION_DENIED
     if limited and tenant == "other":
         if rpc in NAMES_AN_ADAPTER:
             return grpc.StatusCode.NOT_FOUND
@@ -210,6 +212,23 @@ async def test_authorization_matrix(world, key, tenant):
             assert names == ([OWN] if key.endswith("-a") else [OWN, OTHER])
     # a wrong expectation for a key that could not even authenticate would hide real answers
     assert outcomes == wanted
+
+
+async def test_paging_never_names_another_tenants_adapter(world):
+    _, channel, secrets, _, _ = world
+    stub = adapters_pb2_grpc.AdapterServiceStub(channel)
+    md = (("authorization", f"Bearer {secrets['admin-a']}"),)
+    seen, token = [], ""
+    for _ in range(10):
+        page = await stub.ListAdapters(
+            apb.ListAdaptersRequest(page_size=1, page_token=token), metadata=md
+        )
+        seen += [a.name for a in page.adapters] + [page.next_page_token]
+        token = page.next_page_token
+        if not token:
+            break
+    assert not any(name.startswith("team-b") for name in seen), seen
+    assert OWN in seen
 
 
 def test_method_access_and_the_bearer_format():

@@ -39,3 +39,20 @@ def test_sweep_removes_crash_leftovers_and_orphans(tmp_path, folder):
     assert removed == [orphan.sha256]
     assert store.exists(kept.sha256) and not store.exists(orphan.sha256)
     assert list(store.tmp.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage", ["emptied", "changed"])
+def test_put_replaces_a_stored_copy_damaged_since(tmp_path, folder, damage):
+    """Registering the same files again heals an object whose files were deleted or altered."""
+    store = ArtifactStore(tmp_path / "store")
+    stored = store.put(folder)
+    weights = stored.path / "adapter_model.safetensors"
+    weights.chmod(0o644)
+    if damage == "emptied":
+        weights.unlink()
+    else:
+        weights.write_bytes(b"bit rot")
+    healed = store.put(folder)
+    assert healed.created and healed.path == stored.path
+    assert folder_digest(healed.path) == stored.sha256
+    assert list(store.tmp.iterdir()) == []

@@ -265,13 +265,14 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_reaches_the_uninterrupted_result(
     reference_run, tiny_model, tmp_path
 ):
     config = config_for("sft", "sft", tiny_model.base, tmp_path, *SHORT)
+    before = signal.getsignal(signal.SIGINT)
     stopped = run_training(config, callbacks=[InterruptAt(7)], echo=lambda _: None)
     assert stopped.interrupted and stopped.adapter_dir is None
     # The flag is seen at the next step boundary, where the checkpoint is written.
     assert stopped.global_step == 8
     assert (stopped.checkpoint_dir / "checkpoint-8").is_dir()
     assert not (tmp_path / "adapter").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is restored
 
     with pytest.raises(RunError, match="pass --resume"):
         run_training(config, echo=lambda _: None)

@@ -80,15 +80,24 @@ class Admission:
             if bucket.wait_for(bucket.capacity, now) == 0:
                 del self._buckets[name]
 
+    def _budgets(self, key: ApiKey | None) -> tuple[TokenBucket | None, TokenBucket | None]:
+        """The key's (requests, tokens) buckets; None where no limit applies."""
+        if key is None:
+            return None, None
+        return (
+            self._bucket(key, "requests", key.requests_per_minute or self.default_rpm),
+            self._bucket(key, "tokens", key.tokens_per_minute or self.default_tpm),
+        )
+
     def check_room(self, key: ApiKey | None) -> None:
         """Refuse early (before tokenizing) when no slot or no request budget is left."""
         if self.pending >= self.max_pending:
             raise self._full()
-        if key is not None:
-            bucket = self._bucket(key, "requests", key.requests_per_minute or self.default_rpm)
-            wait = bucket.wait_for(1, time.monotonic()) if bucket is not None else 0.0
-            if wait > 0:
-                raise Overloaded(f"rate limit of key {key.id!r}: requests per minute", wait)
+        requests_bucket, _ = self._budgets(key)
+        wait = requests_bucket.wait_for(1, time.monotonic()) if requests_bucket else 0.0
+        if wait > 0:
+            assert key is not None
+            raise Overloaded(f"rate limit of key {key.id!r}: requests per minute", wait)
 
     def _full(self) -> Overloaded:
         return Overloaded(
@@ -106,12 +115,7 @@ class Admission:
         if self.pending >= self.max_pending:
             raise self._full()
         cost = len(request.prompt_token_ids) + request.max_tokens
-        requests_bucket = tokens_bucket = None
-        if key is not None:
-            requests_bucket = self._bucket(
-                key, "requests", key.requests_per_minute or self.default_rpm
-            )
-            tokens_bucket = self._bucket(key, "tokens", key.tokens_per_minute or self.default_tpm)
+        requests_bucket, tokens_bucket = self._budgets(key)
         now = time.monotonic()
         if tokens_bucket is not None and cost > tokens_bucket.capacity:
             raise Overloaded(

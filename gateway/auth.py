@@ -115,22 +115,12 @@ def authorize(ring: KeyRing, method: str, metadata: Any) -> ApiKey | None:
 
 
 def _guard(behavior: Callable, ring: KeyRing, method: str) -> Callable:
-    """Wrap one handler behavior: authorize, then run it with `current_key` set."""
-    if inspect.isasyncgenfunction(behavior):
+    """Wrap one handler behavior: authorize, then run it with `current_key` set.
 
-        async def guarded_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            try:
-                key = authorize(ring, method, context.invocation_metadata())
-            except (Unauthenticated, PermissionDenied) as exc:
-                await context.abort(*status_of(exc))
-            token = current_key.set(key)
-            try:
-                async for item in behavior(request, context):
-                    yield item
-            finally:
-                current_key.reset(token)
-
-        return guarded_stream
+    Guarded servicers are coroutines (streams write through `context.write`); only the public
+    services (not wrapped) are async generators.
+    """
+    assert not inspect.isasyncgenfunction(behavior), f"{method}: write streams via context"
 
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:

@@ -14,6 +14,7 @@ from gateway.admission import Admission
 from gateway.auth import current_key, require_adapter, visible
 from gateway.config import GatewayConfig
 from gateway.domain import (
+    EngineRequest,
     FinishReason,
     GenerationChunk,
     GenerationRequest,
@@ -165,16 +166,23 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             raise EngineUnavailable("the engine is not running")
         return pipeline
 
+    async def _prepare(
+        self, pipeline: GenerationPipeline, request: pb.GenerateRequest | pb.GenerateStreamRequest
+    ) -> EngineRequest:
+        """Authorize the adapter, check room, then validate, tokenize and check its files."""
+        require_adapter(request.adapter)
+        self._admission.check_room(current_key.get())  # before any work is spent on it
+        prepared = pipeline.prepare(request_from_pb(request))
+        await pipeline.check_files(prepared)
+        return prepared
+
     @grpc_errors
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
         with self._observe("Generate", request.adapter) as record:
             pipeline = self._ready()
-            require_adapter(request.adapter)
-            self._admission.check_room(current_key.get())  # before any work is spent on it
-            prepared = pipeline.prepare(request_from_pb(request))
-            await pipeline.check_files(prepared)
+            prepared = await self._prepare(pipeline, request)
             with self._admission.admit(current_key.get(), prepared) as used:
                 record.admitted(prepared)
                 with pipeline.running(prepared.adapter):
@@ -189,10 +197,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         # context.write from a coroutine: measured +12% throughput over an async generator.
         with self._observe("GenerateStream", request.adapter) as record:
             pipeline = self._ready()
-            require_adapter(request.adapter)
-            self._admission.check_room(current_key.get())  # before any work is spent on it
-            prepared = pipeline.prepare(request_from_pb(request))
-            await pipeline.check_files(prepared)
+            prepared = await self._prepare(pipeline, request)
             first = True
             with (
                 self._admission.admit(current_key.get(), prepared) as used,

@@ -8,7 +8,7 @@ generation, and a blocking `AdapterClient` for the adapter registry.
         reg.register("acme", "/srv/adapters/acme-run-7", alias="candidate")
 
 Keyword arguments are the fields of SamplingParams and StoppingCriteria (temperature, top_p,
-max_tokens, stop, ...) plus logprobs / prompt_logprobs / request_id.
+max_tokens, stop, ...) plus logprobs / prompt_logprobs / logprob_token_ids / request_id.
 
 Every client takes an API key (`api_key`, default `$LORAPLEX_API_KEY`) and TLS credentials
 (`credentials`, default from `$LORAPLEX_TLS_CA_FILE`, plus `$LORAPLEX_TLS_CERT_FILE` /
@@ -45,7 +45,7 @@ TLS_KEY_ENV = "LORAPLEX_TLS_KEY_FILE"
 
 _SAMPLING = set(pb.SamplingParams.DESCRIPTOR.fields_by_name)
 _STOPPING = set(pb.StoppingCriteria.DESCRIPTOR.fields_by_name)
-_TOP_LEVEL = {"request_id", "logprobs", "prompt_logprobs"}
+_TOP_LEVEL = {"request_id", "logprobs", "prompt_logprobs", "logprob_token_ids"}
 
 Request = TypeVar("Request", pb.GenerateRequest, pb.GenerateStreamRequest)
 

@@ -60,6 +60,7 @@ class GenerationRequest:
     stopping: Stopping = field(default_factory=Stopping)
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    logprob_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class EngineRequest:
     logprobs: int | None
     prompt_logprobs: int | None
     adapter: ResolvedAdapter | None
+    logprob_token_ids: tuple[int, ...] = ()  # scored at every generated position
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.config import GatewayConfig
 from gateway.domain import (
@@ -32,6 +32,9 @@ from gateway.errors import (
     NotSupported,
     Overloaded,
 )
+
+if TYPE_CHECKING:
+    from vllm.logprobs import FlatLogprobs
 
 log = logging.getLogger(__name__)
 
@@ -137,29 +140,39 @@ def lora_request_for(adapter: ResolvedAdapter):  # noqa: ANN201 - vLLM type, imp
     )
 
 
-def _top(entries: dict, limit: int) -> tuple[TopLogprob, ...]:
-    ranked = [
-        TopLogprob(tid, lp.decoded_token or "", lp.logprob, lp.rank)
-        for tid, lp in entries.items()
-        if lp.rank is not None and lp.rank <= limit
-    ]
-    return tuple(sorted(ranked, key=lambda t: t.rank))
-
-
 def _token_logprobs(
-    token_ids: list[int], positions: list, limit: int, first_is_context: bool = False
+    token_ids: list[int], positions: FlatLogprobs, top_n: int, scored: bool = False
 ) -> list[TokenLogprob]:
-    """vLLM's per-position {token_id: Logprob} dicts -> the actual token's logprob + top-N."""
+    """vLLM's flat logprobs -> the actual token's logprob and rank + the alternatives asked for.
+
+    Each position's entries start with the token actually there (sampled or prompt token, with
+    its rank in the vocabulary), then the alternatives: the top-N (ranks 1..N), or with
+    `scored` the logprob_token_ids in request order (their "ranks" are list positions, so 0).
+    """
     result = []
-    for token_id, entries in zip(token_ids, positions, strict=True):
-        if entries is None:  # first prompt token: nothing to condition on
+    for position, token_id in enumerate(token_ids):
+        start, end = positions.start_indices[position], positions.end_indices[position]
+        if start == end:  # first prompt token: nothing to condition on
             result.append(TokenLogprob(token_id, "", None, 0))
             continue
-        chosen = entries[token_id]
-        top = _top(entries, limit) if limit > 0 else ()
+        alternatives = range(start + 1, end) if scored or top_n > 0 else range(0)
+        top = tuple(
+            TopLogprob(
+                positions.token_ids[i],
+                positions.decoded_tokens[i] or "",
+                positions.logprobs[i],
+                0 if scored else positions.ranks[i] or 0,
+            )
+            for i in alternatives
+            if scored or (positions.ranks[i] or 0) <= top_n
+        )
         result.append(
             TokenLogprob(
-                token_id, chosen.decoded_token or "", chosen.logprob, chosen.rank or 0, top
+                token_id,
+                positions.decoded_tokens[start] or "",
+                positions.logprobs[start],
+                positions.ranks[start] or 0,
+                top,
             )
         )
     return result
@@ -271,8 +284,10 @@ class VllmEngine:
                 stop=list(stop.stop) or None,
                 stop_token_ids=list(stop.stop_token_ids) or None,
                 ignore_eos=stop.ignore_eos,
-                logprobs=request.logprobs,
+                logprobs=None if request.logprob_token_ids else request.logprobs,
                 prompt_logprobs=request.prompt_logprobs,
+                logprob_token_ids=list(request.logprob_token_ids) or None,
+                flat_logprobs=True,  # a few flat lists per request instead of a dict per token
                 output_kind=kind,
             )
         except (ValueError, VLLMClientError) as exc:  # vLLM's own checks, behind ours
@@ -336,11 +351,14 @@ class VllmEngine:
         completion = output.outputs[0]
         token_ids = list(completion.token_ids)
         chunk = GenerationChunk(text=completion.text, token_ids=token_ids)
-        if request.logprobs is not None and completion.logprobs:
-            chunk.logprobs = _token_logprobs(token_ids, list(completion.logprobs), request.logprobs)
+        scored = bool(request.logprob_token_ids)
+        if (request.logprobs is not None or scored) and completion.logprobs:
+            chunk.logprobs = _token_logprobs(
+                token_ids, completion.logprobs, request.logprobs or 0, scored
+            )
         if first and request.prompt_logprobs is not None and output.prompt_logprobs:
             chunk.prompt_logprobs = _token_logprobs(
-                list(output.prompt_token_ids), list(output.prompt_logprobs), request.prompt_logprobs
+                list(output.prompt_token_ids), output.prompt_logprobs, request.prompt_logprobs
             )
         if output.finished:
             chunk.finish_reason = _finish_reason(

@@ -71,6 +71,7 @@ def request_from_pb(r: pb.GenerateRequest | pb.GenerateStreamRequest) -> Generat
         stopping=stopping_from_pb(r.stopping),
         logprobs=_optional(r, "logprobs"),
         prompt_logprobs=_optional(r, "prompt_logprobs"),
+        logprob_token_ids=tuple(r.logprob_token_ids),
     )
 
 

@@ -27,6 +27,7 @@ from gateway.resolver import AdapterResolver
 MAX_STOP_TOKEN_IDS = 64
 MAX_REQUEST_ID_CHARS = 256
 MAX_TEMPERATURE = 2.0  # vLLM refuses more
+MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's sampler row width (vllm.sampling_params)
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,23 @@ def _check_logprobs(field: str, value: int | None, limit: int) -> None:
         raise InvalidRequest(field, f"must be in [0, {limit}], got {value}")
 
 
+def validate_logprob_token_ids(request: GenerationRequest, vocab_size: int) -> None:
+    """Scored ids: distinct, in the vocabulary, at most MAX_LOGPROB_TOKEN_IDS, no top-N."""
+    ids = request.logprob_token_ids
+    if not ids:
+        return
+    field = "logprob_token_ids"
+    if len(ids) > MAX_LOGPROB_TOKEN_IDS:
+        raise InvalidRequest(field, f"at most {MAX_LOGPROB_TOKEN_IDS} ids, got {len(ids)}")
+    if len(set(ids)) != len(ids):
+        raise InvalidRequest(field, "ids must be distinct")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequest(field, f"ids {bad[:8]} outside vocabulary 0..{vocab_size - 1}")
+    if request.logprobs:
+        raise InvalidRequest(field, "cannot be combined with logprobs > 0 (top-N alternatives)")
+
+
 class GenerationPipeline:
     """Turns client requests into engine requests and runs them."""
 
@@ -126,6 +144,7 @@ class GenerationPipeline:
         validate_stopping(request.stopping, info.vocab_size, self.limits)
         _check_logprobs("logprobs", request.logprobs, info.max_logprobs)
         _check_logprobs("prompt_logprobs", request.prompt_logprobs, info.max_logprobs)
+        validate_logprob_token_ids(request, info.vocab_size)
         adapter = self.resolve(request.adapter)
         if request.prompt_token_ids is not None:
             prompt_ids = request.prompt_token_ids
@@ -174,6 +193,7 @@ class GenerationPipeline:
             logprobs=request.logprobs,
             prompt_logprobs=request.prompt_logprobs,
             adapter=adapter,
+            logprob_token_ids=request.logprob_token_ids,
         )
 
     async def check_files(self, request: EngineRequest) -> None:

@@ -42,6 +42,12 @@ class HFReference:
         return self._models[adapter]
 
     @torch.no_grad()
+    def next_logprobs(self, adapter: str, context: list[int]) -> list[float]:
+        """The next token's log-probabilities over the whole vocabulary."""
+        logits = self.model(adapter)(torch.tensor([context])).logits[0, -1].float()
+        return torch.log_softmax(logits, dim=-1).tolist()
+
+    @torch.no_grad()
     def greedy(self, adapter: str, prompt_ids: list[int], steps: int, top_k: int = 3) -> Reference:
         """Plain argmax decoding (no EOS handling), like the engine with ignore_eos."""
         model = self.model(adapter)

@@ -134,6 +134,31 @@ def test_stream_concatenates_to_unary_and_logprobs_match_hf(gateway, hf, tiny_mo
         assert all(len(p.top_logprobs) == 2 for p in prompt_lps[1:])
 
 
+def test_scored_token_ids_match_hf(gateway, hf, tiny_model):
+    """logprob_token_ids: exactly those ids at every generated position, HF's logprobs, and the
+    generated token's own vocabulary rank even when it is one of them."""
+    adapter = sorted(tiny_model.adapters)[0]
+    ids = hf.tokenizer(PROMPTS[5]).input_ids
+    ref = hf.greedy(adapter, ids, 3)
+    scored = [7, ref.tokens[0], 300, 11]  # the first greedy token among others, not sorted
+    with gateway.client() as client:
+        unary = client.generate(ids, adapter, max_tokens=3, logprob_token_ids=scored, **GREEDY)
+        deltas = list(client.stream(ids, adapter, max_tokens=3, logprob_token_ids=scored, **GREEDY))
+    streamed = [lp for d in deltas for lp in d.logprobs]
+    context = list(ids)
+    for position, token in enumerate(ref.tokens):
+        want = hf.next_logprobs(adapter, context)
+        for served in (unary.logprobs[position], streamed[position]):
+            assert served.token_id == token and served.rank == 1  # greedy: the most likely
+            assert abs(served.logprob - want[token]) < LOGPROB_TOLERANCE
+            assert [t.token_id for t in served.top_logprobs] == scored
+            assert all(t.rank == 0 for t in served.top_logprobs)
+            for t in served.top_logprobs:
+                assert abs(t.logprob - want[t.token_id]) < LOGPROB_TOLERANCE
+        context.append(token)
+    assert list(unary.token_ids) == ref.tokens and not unary.prompt_logprobs
+
+
 async def test_concurrent_prompt_logprobs_keep_engine_alive(gateway, hf, adapters):
     """vLLM issues 16668/29955: prompt-logprob requests batched with others killed the engine.
 
@@ -187,6 +212,18 @@ BAD_REQUESTS = [
     ({"stop_token_ids": [10**6]}, grpc.StatusCode.INVALID_ARGUMENT, "stopping.stop_token_ids"),
     ({"logprobs": 1000}, grpc.StatusCode.INVALID_ARGUMENT, "logprobs"),
     ({"prompt_logprobs": -1}, grpc.StatusCode.INVALID_ARGUMENT, "prompt_logprobs"),
+    ({"logprob_token_ids": [5, 5]}, grpc.StatusCode.INVALID_ARGUMENT, "logprob_token_ids"),
+    ({"logprob_token_ids": [10**6]}, grpc.StatusCode.INVALID_ARGUMENT, "logprob_token_ids"),
+    (
+        {"logprob_token_ids": list(range(129))},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "logprob_token_ids",
+    ),
+    (
+        {"logprob_token_ids": [5], "logprobs": 2},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "logprob_token_ids",
+    ),
     ({"prompt": ""}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
     ({"prompt": []}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
     ({"prompt": [5, 99999]}, grpc.StatusCode.INVALID_ARGUMENT, "token_ids"),

@@ -62,6 +62,25 @@ async def test_sampling_fields_reach_the_engine_and_unset_stay_default(served):
 
 
 @pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"logprob_token_ids": [5, 5]}, "distinct"),
+        ({"logprob_token_ids": [100]}, "outside vocabulary"),
+        ({"logprob_token_ids": list(range(129))}, "at most 128"),
+        ({"logprob_token_ids": [5], "logprobs": 1}, "logprobs > 0"),
+    ],
+)
+async def test_scored_token_ids_are_checked(served, options, message):
+    client, engine, _ = served
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await client.generate("x", **options)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "logprob_token_ids" in err.value.details() and message in err.value.details()
+    await client.generate("x", logprob_token_ids=[9, 3], logprobs=0)
+    assert engine.seen[-1].logprob_token_ids == (9, 3)  # request order kept
+
+
+@pytest.mark.parametrize(
     ("adapter", "code", "named"),
     [
         ("nope", grpc.StatusCode.NOT_FOUND, "nope"),

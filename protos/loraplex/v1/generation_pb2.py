@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraplex/v1/generation.proto\x12\x0bloraplex.v1\"\xd2\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\x88\x01\n\x10StoppingCriteria\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x02 \x01(\x05\x12\x0c\n\x04stop\x18\x03 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\x05\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\x42\r\n\x0b_max_tokens\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xb2\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x15.loraplex.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.loraplex.v1.SamplingParams\x12/\n\x08stopping\x18\x06 \x01(\x0b\x32\x1d.loraplex.v1.StoppingCriteria\x12\x15\n\x08logprobs\x18\x07 \x01(\x05H\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x08 \x01(\x05H\x02\x88\x01\x01\x42\x08\n\x06promptB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\xb8\x02\n\x15GenerateStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x15.loraplex.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.loraplex.v1.SamplingParams\x12/\n\x08stopping\x18\x06 \x01(\x0b\x32\x1d.loraplex.v1.StoppingCriteria\x12\x15\n\x08logprobs\x18\x07 \x01(\x05H\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x08 \x01(\x05H\x02\x88\x01\x01\x42\x08\n\x06promptB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"L\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x0c\n\x04rank\x18\x04 \x01(\x05\"\x8e\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12-\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x17.loraplex.v1.TopLogprobB\n\n\x08_logprob\"A\n\rServedAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x11\n\tengine_id\x18\x03 \x01(\x05\"\xaa\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12+\n\x08logprobs\x18\x06 \x03(\x0b\x32\x19.loraplex.v1.TokenLogprob\x12\x32\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x19.loraplex.v1.TokenLogprob\x12+\n\x07\x61\x64\x61pter\x18\x08 \x01(\x0b\x32\x1a.loraplex.v1.ServedAdapter\"\xb0\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12+\n\x08logprobs\x18\x06 \x03(\x0b\x32\x19.loraplex.v1.TokenLogprob\x12\x32\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x19.loraplex.v1.TokenLogprob\x12+\n\x07\x61\x64\x61pter\x18\x08 \x01(\x0b\x32\x1a.loraplex.v1.ServedAdapter\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x15\n\x13GetModelInfoRequest\"U\n\x0e\x41\x64\x61pterSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\"\xe1\x02\n\x14GetModelInfoResponse\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x14\n\x0cquantization\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x1a\n\x12max_context_length\x18\x04 \x01(\x05\x12\x15\n\rmax_lora_rank\x18\x05 \x01(\x05\x12\x11\n\tmax_loras\x18\x06 \x01(\x05\x12-\n\x08\x61\x64\x61pters\x18\x07 \x03(\x0b\x32\x1b.loraplex.v1.AdapterSummary\x12\x12\n\nvocab_size\x18\x08 \x01(\x05\x12\x0e\n\x06\x65ngine\x18\t \x01(\t\x12\x1b\n\x13unfinished_requests\x18\n \x01(\x05\x12,\n\tbos_token\x18\x0b \x01(\x0b\x32\x19.loraplex.v1.SpecialToken\x12,\n\teos_token\x18\x0c \x01(\x0b\x32\x19.loraplex.v1.SpecialToken\"(\n\x0cSpecialToken\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t*\xb5\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05\x32\xd7\x02\n\x11GenerationService\x12G\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse\x12[\n\x0eGenerateStream\x12\".loraplex.v1.GenerateStreamRequest\x1a#.loraplex.v1.GenerateStreamResponse0\x01\x12G\n\x08Tokenize\x12\x1c.loraplex.v1.TokenizeRequest\x1a\x1d.loraplex.v1.TokenizeResponse\x12S\n\x0cGetModelInfo\x12 .loraplex.v1.GetModelInfoRequest\x1a!.loraplex.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraplex/v1/generation.proto\x12\x0bloraplex.v1\"\xd2\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\x88\x01\n\x10StoppingCriteria\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x02 \x01(\x05\x12\x0c\n\x04stop\x18\x03 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\x05\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\x42\r\n\x0b_max_tokens\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xcd\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x15.loraplex.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.loraplex.v1.SamplingParams\x12/\n\x08stopping\x18\x06 \x01(\x0b\x32\x1d.loraplex.v1.StoppingCriteria\x12\x15\n\x08logprobs\x18\x07 \x01(\x05H\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x08 \x01(\x05H\x02\x88\x01\x01\x12\x19\n\x11logprob_token_ids\x18\t \x03(\x05\x42\x08\n\x06promptB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\xd3\x02\n\x15GenerateStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x15.loraplex.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.loraplex.v1.SamplingParams\x12/\n\x08stopping\x18\x06 \x01(\x0b\x32\x1d.loraplex.v1.StoppingCriteria\x12\x15\n\x08logprobs\x18\x07 \x01(\x05H\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x08 \x01(\x05H\x02\x88\x01\x01\x12\x19\n\x11logprob_token_ids\x18\t \x03(\x05\x42\x08\n\x06promptB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"L\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x0c\n\x04rank\x18\x04 \x01(\x05\"\x8e\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12-\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x17.loraplex.v1.TopLogprobB\n\n\x08_logprob\"A\n\rServedAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x11\n\tengine_id\x18\x03 \x01(\x05\"\xaa\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12+\n\x08logprobs\x18\x06 \x03(\x0b\x32\x19.loraplex.v1.TokenLogprob\x12\x32\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x19.loraplex.v1.TokenLogprob\x12+\n\x07\x61\x64\x61pter\x18\x08 \x01(\x0b\x32\x1a.loraplex.v1.ServedAdapter\"\xb0\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12+\n\x08logprobs\x18\x06 \x03(\x0b\x32\x19.loraplex.v1.TokenLogprob\x12\x32\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x19.loraplex.v1.TokenLogprob\x12+\n\x07\x61\x64\x61pter\x18\x08 \x01(\x0b\x32\x1a.loraplex.v1.ServedAdapter\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x15\n\x13GetModelInfoRequest\"U\n\x0e\x41\x64\x61pterSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\"\xe1\x02\n\x14GetModelInfoResponse\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x14\n\x0cquantization\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x1a\n\x12max_context_length\x18\x04 \x01(\x05\x12\x15\n\rmax_lora_rank\x18\x05 \x01(\x05\x12\x11\n\tmax_loras\x18\x06 \x01(\x05\x12-\n\x08\x61\x64\x61pters\x18\x07 \x03(\x0b\x32\x1b.loraplex.v1.AdapterSummary\x12\x12\n\nvocab_size\x18\x08 \x01(\x05\x12\x0e\n\x06\x65ngine\x18\t \x01(\t\x12\x1b\n\x13unfinished_requests\x18\n \x01(\x05\x12,\n\tbos_token\x18\x0b \x01(\x0b\x32\x19.loraplex.v1.SpecialToken\x12,\n\teos_token\x18\x0c \x01(\x0b\x32\x19.loraplex.v1.SpecialToken\"(\n\x0cSpecialToken\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t*\xb5\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05\x32\xd7\x02\n\x11GenerationService\x12G\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse\x12[\n\x0eGenerateStream\x12\".loraplex.v1.GenerateStreamRequest\x1a#.loraplex.v1.GenerateStreamResponse0\x01\x12G\n\x08Tokenize\x12\x1c.loraplex.v1.TokenizeRequest\x1a\x1d.loraplex.v1.TokenizeResponse\x12S\n\x0cGetModelInfo\x12 .loraplex.v1.GetModelInfoRequest\x1a!.loraplex.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraplex.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2779
-  _globals['_FINISHREASON']._serialized_end=2960
+  _globals['_FINISHREASON']._serialized_start=2833
+  _globals['_FINISHREASON']._serialized_end=3014
   _globals['_SAMPLINGPARAMS']._serialized_start=46
   _globals['_SAMPLINGPARAMS']._serialized_end=384
   _globals['_STOPPINGCRITERIA']._serialized_start=387
@@ -40,33 +40,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=525
   _globals['_TOKENIDS']._serialized_end=548
   _globals['_GENERATEREQUEST']._serialized_start=551
-  _globals['_GENERATEREQUEST']._serialized_end=857
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=860
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=1172
-  _globals['_USAGE']._serialized_start=1174
-  _globals['_USAGE']._serialized_end=1254
-  _globals['_TOPLOGPROB']._serialized_start=1256
-  _globals['_TOPLOGPROB']._serialized_end=1332
-  _globals['_TOKENLOGPROB']._serialized_start=1335
-  _globals['_TOKENLOGPROB']._serialized_end=1477
-  _globals['_SERVEDADAPTER']._serialized_start=1479
-  _globals['_SERVEDADAPTER']._serialized_end=1544
-  _globals['_GENERATERESPONSE']._serialized_start=1547
-  _globals['_GENERATERESPONSE']._serialized_end=1845
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1848
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2152
-  _globals['_TOKENIZEREQUEST']._serialized_start=2154
-  _globals['_TOKENIZEREQUEST']._serialized_end=2213
-  _globals['_TOKENIZERESPONSE']._serialized_start=2215
-  _globals['_TOKENIZERESPONSE']._serialized_end=2268
-  _globals['_GETMODELINFOREQUEST']._serialized_start=2270
-  _globals['_GETMODELINFOREQUEST']._serialized_end=2291
-  _globals['_ADAPTERSUMMARY']._serialized_start=2293
-  _globals['_ADAPTERSUMMARY']._serialized_end=2378
-  _globals['_GETMODELINFORESPONSE']._serialized_start=2381
-  _globals['_GETMODELINFORESPONSE']._serialized_end=2734
-  _globals['_SPECIALTOKEN']._serialized_start=2736
-  _globals['_SPECIALTOKEN']._serialized_end=2776
-  _globals['_GENERATIONSERVICE']._serialized_start=2963
-  _globals['_GENERATIONSERVICE']._serialized_end=3306
+  _globals['_GENERATEREQUEST']._serialized_end=884
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=887
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=1226
+  _globals['_USAGE']._serialized_start=1228
+  _globals['_USAGE']._serialized_end=1308
+  _globals['_TOPLOGPROB']._serialized_start=1310
+  _globals['_TOPLOGPROB']._serialized_end=1386
+  _globals['_TOKENLOGPROB']._serialized_start=1389
+  _globals['_TOKENLOGPROB']._serialized_end=1531
+  _globals['_SERVEDADAPTER']._serialized_start=1533
+  _globals['_SERVEDADAPTER']._serialized_end=1598
+  _globals['_GENERATERESPONSE']._serialized_start=1601
+  _globals['_GENERATERESPONSE']._serialized_end=1899
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1902
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2206
+  _globals['_TOKENIZEREQUEST']._serialized_start=2208
+  _globals['_TOKENIZEREQUEST']._serialized_end=2267
+  _globals['_TOKENIZERESPONSE']._serialized_start=2269
+  _globals['_TOKENIZERESPONSE']._serialized_end=2322
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2324
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2345
+  _globals['_ADAPTERSUMMARY']._serialized_start=2347
+  _globals['_ADAPTERSUMMARY']._serialized_end=2432
+  _globals['_GETMODELINFORESPONSE']._serialized_start=2435
+  _globals['_GETMODELINFORESPONSE']._serialized_end=2788
+  _globals['_SPECIALTOKEN']._serialized_start=2790
+  _globals['_SPECIALTOKEN']._serialized_end=2830
+  _globals['_GENERATIONSERVICE']._serialized_start=3017
+  _globals['_GENERATIONSERVICE']._serialized_end=3360
 # @@protoc_insertion_point(module_scope)

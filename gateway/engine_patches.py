@@ -9,7 +9,12 @@ Bugs fixed here (vLLM 0.32, the PyTorch-native punica path used on CPU):
    adapter has LoRA index -1, and the ops gather `weights[indices]`, so -1 wraps around to the
    LAST adapter slot. A base-model request batched with adapter requests was silently computed
    with whichever adapter sat in the last slot. The GPU (Triton) kernels skip index -1; the
-   wrapped ops do the same: rows without an adapter are left untouched.
+   replacement ops do the same: rows without an adapter are left untouched.
+
+   The same ops were also slow: they copy each token's own LoRA matrices (`weights[indices]`,
+   rank x hidden floats per token and layer) and multiply token by token, which made LoRA
+   prefill several times slower than the base model. The replacements multiply each adapter's
+   rows at once (one matmul per adapter in the batch; its rows found once per engine step).
 
 2. Prompt logprobs kill the engine (vLLM issues 16668 and 29955): prompt logits are computed
    per request from that request's slice of the batch's hidden states, but the LoRA logits
@@ -30,33 +35,134 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-_PATCHED_OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
 PLUGIN_NAME = "loraplex_lora_fixes"  # the entry point name in pyproject.toml
 
 
-def _skip_rows_without_lora(op: Callable[..., Any]) -> Callable[..., Any]:
-    """Run `op` only on the rows whose LoRA index is >= 0 (as the GPU kernels do)."""
+Rows = slice | Any  # a slice (contiguous rows: views, no copies) or a tensor of row numbers
 
-    @functools.wraps(op)
-    def wrapper(inputs: Any, weights: Any, output: Any, indices: Any, *args: Any, **kw: Any) -> Any:
-        if indices.shape[0] == 1:  # one index broadcast over every row (a lone request)
-            return (
-                None if int(indices[0]) < 0 else op(inputs, weights, output, indices, *args, **kw)
-            )
-        has_lora = indices >= 0
-        rows_match = inputs.shape[0] == output.shape[0] == indices.shape[0]
-        if not rows_match or bool(has_lora.all()):
-            return op(inputs, weights, output, indices, *args, **kw)
-        rows = has_lora.nonzero().squeeze(1)
-        if rows.numel() == 0:
-            return None
-        selected = output[rows]
-        op(inputs[rows], weights, selected, indices[rows], *args, **kw)
-        output[rows] = selected
-        return None
+
+def _row_groups(indices: Any, rows: int) -> list[tuple[int, Rows]]:
+    """(adapter slot, its rows) for each adapter in the batch; index -1 (no adapter) skipped.
+
+    One index for a batch of several rows (a lone request) applies to all of them.
+    """
+    import torch
+
+    if indices.numel() == 1:
+        slot = int(indices[0])
+        return [] if slot < 0 else [(slot, slice(0, rows))]
+    slots, counts = torch.unique_consecutive(indices, return_counts=True)
+    spans: dict[int, list[tuple[int, int]]] = {}
+    start = 0
+    for slot, count in zip(slots.tolist(), counts.tolist(), strict=True):
+        if slot >= 0:
+            spans.setdefault(slot, []).append((start, start + count))
+        start += count
+    return [
+        (slot, slice(*runs[0]) if len(runs) == 1 else torch.cat([torch.arange(*r) for r in runs]))
+        for slot, runs in spans.items()
+    ]
+
+
+def _slot_weights(weights: Any, slot: int, dtype: Any) -> Any:
+    """One slot of vLLM's stacked LoRA weights, (out, in): [slot, 1, out, in] or [slot, out, in]."""
+    w = weights[slot]
+    return (w[0] if w.dim() == 3 else w).to(dtype)
+
+
+def _shrink(y: Any, x: Any, weights: Any, groups: list[tuple[int, Rows]], scale: float) -> None:
+    """y[rows, :r] = scale * x[rows] @ A[slot].T for each adapter's rows (the LoRA A step)."""
+    for slot, rows in groups:
+        a = _slot_weights(weights, slot, y.dtype)
+        out = (x[rows].to(y.dtype) @ a.T).mul_(scale)
+        target = y[:, : a.shape[0]]
+        if isinstance(rows, slice):
+            target[rows] = out
+        else:
+            target.index_copy_(0, rows, out)
+
+
+def _expand(
+    y: Any, x: Any, weights: Any, groups: list[tuple[int, Rows]], offset: int, size: int,
+    add: bool,
+) -> None:  # fmt: skip
+    """y[rows, offset:offset+size] (+)= x[rows] @ B[slot].T per adapter (the LoRA B step)."""
+    for slot, rows in groups:
+        b = _slot_weights(weights, slot, y.dtype)
+        width = min(size, b.shape[0])
+        out = x[rows].to(y.dtype) @ b[:width].T
+        target = y[:, offset : offset + width]
+        if isinstance(rows, slice):
+            if add:
+                target[rows].add_(out)  # a view: in place, no write-back copy
+            else:
+                target[rows] = out
+        elif add:
+            target.index_add_(0, rows, out)
+        else:
+            target.index_copy_(0, rows, out)
+
+
+# Drop-in replacements for vllm.lora.ops.torch_ops.lora_ops (same signatures), used where an
+# index tensor is given per call (the logits layer, full-linear adapters).
+def bgmv_shrink(inputs: Any, weights: Any, output: Any, indices: Any, scaling: float = 1.0) -> None:
+    _shrink(output, inputs, weights, _row_groups(indices, inputs.shape[0]), scaling)
+
+
+def bgmv_expand(
+    inputs: Any, weights: Any, output: Any, indices: Any, add_inputs: bool = True
+) -> None:
+    groups = _row_groups(indices, inputs.shape[0])
+    _expand(output, inputs, weights, groups, 0, output.shape[1], add_inputs)
+
+
+def bgmv_expand_slice(
+    inputs: Any, weights: Any, output: Any, indices: Any, slice_offset: int, slice_size: int,
+    add_inputs: bool = True,
+) -> None:  # fmt: skip
+    groups = _row_groups(indices, inputs.shape[0])
+    _expand(output, inputs, weights, groups, slice_offset, slice_size, add_inputs)
+
+
+_REPLACED_OPS = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand,
+                 "bgmv_expand_slice": bgmv_expand_slice}  # fmt: skip
+
+
+# PunicaWrapperCPU's per-layer methods, on the token groups found once per step.
+def _update_metadata_with_groups(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def wrapper(self: Any, *args: Any, **kw: Any) -> Any:
+        result = original(self, *args, **kw)
+        tokens = self.token_lora_indices
+        self.loraplex_token_groups = _row_groups(tokens, tokens.shape[0])
+        return result
 
     wrapper.__loraplex_patched__ = True  # type: ignore[attr-defined]
     return wrapper
+
+
+def _wrapper_shrink(self: Any, y: Any, x: Any, w_t_all: Any, scale: float) -> None:
+    _shrink(y, x, w_t_all, self.loraplex_token_groups, scale)
+
+
+def _wrapper_expand(self: Any, y: Any, x: Any, w_t_all: Any, add_inputs: bool) -> None:
+    _expand(y, x, w_t_all, self.loraplex_token_groups, 0, y.shape[1], add_inputs)
+
+
+def _wrapper_expand_slice(
+    self: Any, y: Any, x: Any, w_t_all: Any, y_offset: int, y_slice_size: int, add_inputs: bool
+) -> None:
+    _expand(y, x, w_t_all, self.loraplex_token_groups, y_offset, y_slice_size, add_inputs)
+
+
+_WRAPPER_METHODS = {
+    "_shrink_prefill": _wrapper_shrink,
+    "_shrink_decode": _wrapper_shrink,
+    "_expand_prefill": _wrapper_expand,
+    "_expand_decode": _wrapper_expand,
+    "_expand_slice_prefill": _wrapper_expand_slice,
+    "_expand_slice_decode": _wrapper_expand_slice,
+}
 
 
 # Set while one request's prompt logits are computed: (first row, row count) of its slice of
@@ -142,13 +248,17 @@ def register() -> None:
         from vllm.lora.ops.torch_ops import lora_ops
         from vllm.lora.punica_wrapper import punica_cpu
 
-        for name in _PATCHED_OPS:
-            _patch(lora_ops, name, _skip_rows_without_lora)  # sgmv_* look these up at call time
-            patched = getattr(lora_ops, name)
+        for name, op in _REPLACED_OPS.items():
+            setattr(lora_ops, name, op)  # sgmv_* look these up at call time
             if hasattr(punica_cpu, name):
-                setattr(punica_cpu, name, patched)  # imported by name into the CPU wrapper
+                setattr(punica_cpu, name, op)  # imported by name into the CPU wrapper
+        wrapper = punica_cpu.PunicaWrapperCPU
+        _patch(wrapper, "update_metadata", _update_metadata_with_groups)
+        for name, method in _WRAPPER_METHODS.items():
+            getattr(wrapper, name)  # fail here, not mid-step, if upstream renamed one
+            setattr(wrapper, name, method)
     except (ImportError, AttributeError) as exc:
-        log.error("loraplex: cannot fix vLLM's LoRA ops for base requests: %s", exc)
+        log.error("loraplex: cannot replace vLLM's CPU LoRA ops: %s", exc)
     try:
         from vllm.lora.punica_wrapper import punica_cpu
         from vllm.v1.worker import gpu_model_runner

@@ -1,42 +1,106 @@
-"""The vLLM CPU LoRA-op fix: tokens without an adapter (index -1) are left untouched."""
+"""The vLLM CPU LoRA-op replacements: tokens without an adapter (index -1) are left untouched,
+each adapter's rows are multiplied with that adapter's weights (one matmul per adapter), and
+prompt-logit rows use their own request's adapter."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
+from vllm.lora.layers import LoRAMapping
 from vllm.lora.ops.torch_ops import lora_ops
+from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from gateway import engine_patches
-from gateway.engine_patches import _skip_rows_without_lora, register
+from gateway.engine_patches import (
+    _row_groups,
+    bgmv_expand,
+    bgmv_expand_slice,
+    bgmv_shrink,
+    register,
+)
+
+# Mixed, non-contiguous adapters, with base rows (-1) in between: the general case.
+INDICES = [1, 1, -1, 0, 0, 0, 1, -1, 2]
 
 
-def test_index_minus_one_no_longer_picks_the_last_slot():
+def _per_row(inputs, weights, indices):
+    """Reference: row by row, weights[slot] (out, in) @ row, None for rows without adapter."""
+    return [None if i < 0 else weights[i, 0] @ row for row, i in zip(inputs, indices, strict=True)]
+
+
+def test_upstream_still_wraps_minus_one_to_the_last_slot():
+    """Why the replacement exists; if this fails, upstream fixed it (keep the speed-up)."""
+    upstream = importlib.reload(lora_ops)  # the module's own functions, not ours
+    try:
+        inputs, weights = torch.randn(3, 8), torch.randn(2, 1, 4, 8)
+        buggy = torch.zeros(3, 4)
+        upstream.bgmv_shrink(inputs, weights, buggy, torch.tensor([0, -1, 1]))
+        assert buggy[1].abs().sum() > 0
+    finally:
+        register()
+
+
+def test_row_groups_slices_for_runs_and_row_lists_otherwise():
+    groups = dict(_row_groups(torch.tensor(INDICES), len(INDICES)))
+    assert groups[0] == slice(3, 6)
+    assert groups[1].tolist() == [0, 1, 6] and groups[2] == slice(8, 9)
+    assert -1 not in groups
+    assert _row_groups(torch.tensor([1]), 5) == [(1, slice(0, 5))]  # a lone request
+    assert _row_groups(torch.tensor([-1]), 5) == []
+
+
+def test_shrink_and_expand_match_per_row_products_and_skip_base_rows():
     torch.manual_seed(0)
-    inputs = torch.randn(3, 8)
-    weights = torch.randn(2, 1, 4, 8)  # 2 adapter slots, rank 4
-    indices = torch.tensor([0, -1, 1])
-    upstream = getattr(lora_ops.bgmv_shrink, "__wrapped__", lora_ops.bgmv_shrink)
-    buggy = torch.zeros(3, 4)
-    upstream(inputs, weights, buggy, indices)
-    assert buggy[1].abs().sum() > 0, "upstream op no longer wraps -1; the patch may be dropped"
+    rows, indices = len(INDICES), torch.tensor(INDICES)
+    inputs, a = torch.randn(rows, 16), torch.randn(3, 1, 4, 16)  # 3 slots, rank 4
+    shrunk = torch.full((rows, 4), 7.0)
+    bgmv_shrink(inputs, a, shrunk, indices, 0.5)
+    b = torch.randn(3, 1, 6, 4)
+    expanded = torch.ones(rows, 10)
+    bgmv_expand_slice(shrunk, b, expanded, indices, 3, 6, add_inputs=True)
+    whole = torch.ones(rows, 6)
+    bgmv_expand(shrunk, b, whole, indices, add_inputs=False)
+    for row, (want_a, want_b) in enumerate(
+        zip(_per_row(inputs, a, INDICES), _per_row(shrunk, b, INDICES), strict=True)
+    ):
+        if want_a is None:  # untouched
+            assert torch.equal(shrunk[row], torch.full((4,), 7.0))
+            assert torch.equal(expanded[row], torch.ones(10)) and torch.equal(
+                whole[row], torch.ones(6)
+            )
+            continue
+        assert torch.allclose(shrunk[row], 0.5 * want_a, atol=1e-5)
+        assert torch.allclose(expanded[row, 3:9], 1 + want_b, atol=1e-5)
+        assert torch.equal(expanded[row, :3], torch.ones(3)) and torch.equal(
+            expanded[row, 9:], torch.ones(1)
+        )
+        assert torch.allclose(whole[row], want_b, atol=1e-5)
 
-    fixed = torch.zeros(3, 4)
-    _skip_rows_without_lora(upstream)(inputs, weights, fixed, indices)
-    assert torch.equal(fixed[1], torch.zeros(4))
-    assert torch.allclose(fixed[0], weights[0, 0] @ inputs[0])
-    assert torch.allclose(fixed[2], weights[1, 0] @ inputs[2])
 
-
-def test_expand_with_add_inputs_leaves_base_rows_unchanged():
+def test_cpu_punica_wrapper_applies_each_tokens_adapter():
+    """vLLM's PunicaWrapperCPU end to end (metadata from a LoRAMapping, add_lora_linear)."""
     register()
-    inputs = torch.randn(3, 4)
-    weights = torch.randn(2, 1, 8, 4)
-    output = torch.ones(3, 8)
-    lora_ops.bgmv_expand(inputs, weights, output, torch.tensor([-1, 1, -1]), add_inputs=True)
-    assert torch.equal(output[0], torch.ones(8)) and torch.equal(output[2], torch.ones(8))
-    assert torch.allclose(output[1], 1 + weights[1, 0] @ inputs[1])
-    register()  # idempotent: no double wrapping
-    assert not hasattr(lora_ops.bgmv_expand.__wrapped__, "__loraplex_patched__")
+    torch.manual_seed(1)
+    lora_ids = [7, 8, 9]  # slot -> LoRA id
+    tokens = [lora_ids[i] if i >= 0 else 0 for i in INDICES]
+    punica = PunicaWrapperCPU(64, 8, "cpu")
+    for is_prefill in (True, False):
+        punica.update_metadata(
+            LoRAMapping(tuple(tokens), tuple(tokens), is_prefill=is_prefill), lora_ids, 4, 32
+        )
+        x = torch.randn(len(tokens), 16)
+        a = (torch.randn(4, 1, 4, 16), torch.randn(4, 1, 4, 16))
+        b = (torch.randn(4, 1, 5, 4), torch.randn(4, 1, 3, 4))
+        y = torch.zeros(len(tokens), 8)
+        punica.add_lora_linear(y, x, a, b, 2.0, (5, 3))
+        for row, slot in enumerate(INDICES):
+            if slot < 0:
+                assert torch.equal(y[row], torch.zeros(8))
+                continue
+            want = [2.0 * b[s][slot, 0] @ (a[s][slot, 0] @ x[row]) for s in (0, 1)]
+            assert torch.allclose(y[row], torch.cat(want), atol=1e-4)
 
 
 class _Punica:
@@ -83,13 +147,11 @@ def test_a_copy_instead_of_a_slice_is_refused():
         run(runner, torch.randn(2, 4))
 
 
-def test_a_lone_base_request_with_many_rows_is_left_untouched():
-    """One base request's prompt logits: index [-1] for all rows must not pick the last slot."""
+def test_a_lone_request_with_many_rows_uses_its_one_index():
+    """One request's prompt logits: index [-1] (base) leaves every row alone, [1] applies slot 1."""
     inputs, weights = torch.randn(5, 4), torch.randn(2, 1, 8, 4)
     output = torch.ones(5, 8)
-    upstream = getattr(lora_ops.bgmv_expand, "__wrapped__", lora_ops.bgmv_expand)
-    _skip_rows_without_lora(upstream)(inputs, weights, output, torch.tensor([-1]), add_inputs=True)
+    bgmv_expand(inputs, weights, output, torch.tensor([-1]), add_inputs=True)
     assert torch.equal(output, torch.ones(5, 8))
-    adapter_rows = torch.ones(5, 8)  # a lone adapter request: broadcast, as upstream
-    _skip_rows_without_lora(upstream)(inputs, weights, adapter_rows, torch.tensor([1]))
-    assert torch.allclose(adapter_rows, 1 + inputs @ weights[1, 0].T)
+    bgmv_expand(inputs, weights, output, torch.tensor([1]), add_inputs=True)
+    assert torch.allclose(output, 1 + inputs @ weights[1, 0].T)

@@ -3,8 +3,10 @@
     lm_eval.simple_evaluate(model="loraplex",
                             model_args="target=HOST:PORT,adapter=NAME@candidate", tasks=[...])
 
-`loglikelihood` scores context + continuation in one request with prompt logprobs (the
-continuation's summed logprob; greedy when every continuation token ranked first),
+`loglikelihood` scores the one-token continuations of a context (multiple choice) in one
+request that reads their logprobs at the next position (greedy: the one picked), and any other
+context + continuation in one request with prompt logprobs (the continuation's summed logprob;
+greedy when every continuation token ranked first),
 `loglikelihood_rolling` sums disjoint windows the same way, and `generate_until` generates with
 the task's stop strings. Requests go out concurrently (the engine batches them, adapters
 included). Tokenization is the gateway's (`Tokenize`), with lm-eval's HF rules for BOS, so the
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -36,6 +39,16 @@ Scored = tuple[float, bool]
 LoglikelihoodRequest = tuple[tuple[str, str], list[int], list[int]]
 # lm-eval generation kwargs that are not sampling parameters, or that mean greedy here.
 _HANDLED_GEN_KWARGS = {"until", "max_gen_toks", "do_sample"}
+MAX_SCORED_TOKENS = 128  # logprob_token_ids per request (the gateway's and vLLM's limit)
+
+
+def _as_bool(value: bool | str) -> bool:
+    """model_args arrive as strings ("group_choices=false")."""
+    if isinstance(value, str):
+        if value.lower() not in {"true", "false", "1", "0"}:
+            raise EvalInputError(f"expected true or false, got {value!r}")
+        return value.lower() in {"true", "1"}
+    return bool(value)
 
 
 @register_model("loraplex")
@@ -51,17 +64,21 @@ class LoraplexLM(TemplateLM):
         max_length: int | None = None,
         timeout: float = 600.0,
         add_bos_token: bool | None = None,
+        group_choices: bool = True,
         **unused: Any,
     ) -> None:
         """target: gateway host:port; adapter: "" (base), NAME, NAME@alias or NAME@vN;
         concurrency: requests in flight; max_length: context limit (default: the gateway's);
-        add_bos_token: as lm-eval's hf backend (None: the tokenizer's default)."""
+        add_bos_token: as lm-eval's hf backend (None: the tokenizer's default);
+        group_choices: score a context's one-token continuations in one request (False: one
+        prompt-logprob request per continuation, as for longer continuations)."""
         super().__init__()
         if unused:
             log.warning("loraplex backend ignores model_args %s", sorted(unused))
         self.target, self.adapter = target, str(adapter)
         self.concurrency, self.timeout = int(concurrency), float(timeout)
         self.max_gen_toks, self.add_bos_token = int(max_gen_toks), add_bos_token
+        self.group_choices = _as_bool(group_choices)
         with Client(target) as client:
             info = client.stub.GetModelInfo(
                 pb.GetModelInfoRequest(), timeout=timeout, metadata=client.metadata
@@ -171,41 +188,97 @@ class LoraplexLM(TemplateLM):
     def _loglikelihood_tokens(
         self, requests: list[LoglikelihoodRequest], disable_tqdm: bool = False, **kwargs: Any
     ) -> list[Scored]:
-        async def score(client: AsyncClient, request: LoglikelihoodRequest) -> Scored:
-            _, context, continuation = request
+        # One-token continuations of the same context (multiple choice) share one request that
+        # scores them all at the next position; the rest are scored by prompt logprobs.
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        work: list[tuple[tuple[int, ...], tuple[int, ...]] | int] = []
+        for index, (_, context, continuation) in enumerate(requests):
             if len(continuation) > self.max_length - 2:
                 raise EvalInputError(
                     f"a continuation of {len(continuation)} tokens does not fit the context "
                     f"({self.max_length} tokens, one for the context, one generated)"
                 )
-            # Room for the one generated token the engine insists on.
-            tokens = (context + continuation)[-(self.max_length - 1) :]
-            context_len = len(tokens) - len(continuation)
-            response = await client.generate(
-                tokens,
-                self.adapter,
-                timeout=self.timeout,
-                max_tokens=1,
-                temperature=0.0,
-                prompt_logprobs=0,
-            )
-            check_finished(response, self.adapter)
-            self._note_version(response)
-            if len(response.prompt_logprobs) != len(tokens):
-                raise EvalError(
-                    f"the gateway returned {len(response.prompt_logprobs)} prompt logprobs for "
-                    f"{len(tokens)} prompt tokens"
-                )
-            scored = response.prompt_logprobs[context_len:]
-            if not all(t.HasField("logprob") for t in scored):
-                raise EvalError("the gateway returned a prompt token without its logprob")
-            return sum(t.logprob for t in scored), all(t.rank == 1 for t in scored)
+            if self.group_choices and len(continuation) == 1:
+                groups[tuple(context[-(self.max_length - 1) :])].append(index)
+            else:
+                work.append(index)
+        for context, members in groups.items():
+            choices = sorted({requests[i][2][0] for i in members})
+            for start in range(0, len(choices), MAX_SCORED_TOKENS):
+                work.append((context, tuple(choices[start : start + MAX_SCORED_TOKENS])))
 
-        results = self._run_all(score, requests, "loglikelihood (gateway)", disable_tqdm)
+        async def run(client: AsyncClient, item: Any) -> Any:
+            if isinstance(item, int):
+                return await self._score_continuation(client, *requests[item][1:])
+            return await self._score_next_token(client, *item)
+
+        results: list[Scored | None] = [None] * len(requests)
+        for item, result in zip(
+            work, self._run_all(run, work, "loglikelihood (gateway)", disable_tqdm), strict=True
+        ):
+            if isinstance(item, int):
+                results[item] = result
+                continue
+            for index in groups[item[0]]:
+                choice = requests[index][2][0]
+                if choice in result:
+                    results[index] = result[choice]
         for (pair, _, _), result in zip(requests, results, strict=True):
             if pair[1]:  # a (context, continuation) request, not a rolling window
                 self.cache_hook.add_partial("loglikelihood", pair, result)
-        return results
+        return results  # type: ignore[return-value]  # every slot filled above
+
+    async def _score_continuation(
+        self, client: AsyncClient, context: list[int], continuation: list[int]
+    ) -> Scored:
+        """Context + continuation in one request; the continuation's prompt logprobs."""
+        # Room for the one generated token the engine insists on.
+        tokens = (context + continuation)[-(self.max_length - 1) :]
+        context_len = len(tokens) - len(continuation)
+        response = await client.generate(
+            tokens,
+            self.adapter,
+            timeout=self.timeout,
+            max_tokens=1,
+            temperature=0.0,
+            prompt_logprobs=0,
+        )
+        check_finished(response, self.adapter)
+        self._note_version(response)
+        if len(response.prompt_logprobs) != len(tokens):
+            raise EvalError(
+                f"the gateway returned {len(response.prompt_logprobs)} prompt logprobs for "
+                f"{len(tokens)} prompt tokens"
+            )
+        scored = response.prompt_logprobs[context_len:]
+        if not all(t.HasField("logprob") for t in scored):
+            raise EvalError("the gateway returned a prompt token without its logprob")
+        return sum(t.logprob for t in scored), all(t.rank == 1 for t in scored)
+
+    async def _score_next_token(
+        self, client: AsyncClient, context: tuple[int, ...], choices: tuple[int, ...]
+    ) -> dict[int, Scored]:
+        """Each one-token choice's logprob after `context`, from one greedy step.
+
+        Greedy decoding picks the most likely token, so a choice is greedy iff it was picked.
+        """
+        response = await client.generate(
+            list(context),
+            self.adapter,
+            timeout=self.timeout,
+            max_tokens=1,
+            temperature=0.0,
+            logprob_token_ids=list(choices),
+        )
+        check_finished(response, self.adapter)
+        self._note_version(response)
+        if len(response.logprobs) != 1:
+            raise EvalError(f"the gateway returned {len(response.logprobs)} positions, not 1")
+        step = response.logprobs[0]
+        scored = {t.token_id: t.logprob for t in step.top_logprobs}
+        if set(scored) != set(choices):
+            raise EvalError("the gateway did not score every requested token")
+        return {c: (scored[c], c == step.token_id) for c in choices}
 
     def loglikelihood_rolling(
         self, requests: list[Instance], disable_tqdm: bool = False

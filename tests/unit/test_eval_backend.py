@@ -17,7 +17,7 @@ from lm_eval.api.instance import Instance
 
 from evalsuite.errors import EvalError, EvalInputError
 from evalsuite.lm_eval_backend import LoraplexLM
-from gateway.domain import GenerationChunk, TokenLogprob
+from gateway.domain import GenerationChunk, TokenLogprob, TopLogprob
 from gateway.generation import GenerationServicer
 from gateway.pipeline import GenerationPipeline
 from gateway.resolver import DirectoryResolver
@@ -30,7 +30,8 @@ def score(token: int) -> float:
 
 
 class ScoringEngine(FakeEngine):
-    """Adds prompt logprobs: -id/1000 per token, rank 1 for even ids and 2 for odd ones."""
+    """Adds prompt logprobs: -id/1000 per token, rank 1 for even ids and 2 for odd ones; and
+    scored next tokens (logprob_token_ids): -id/1000 each, after the generated token."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -43,6 +44,10 @@ class ScoringEngine(FakeEngine):
                 chunk = GenerationChunk(
                     **{**chunk.__dict__, "prompt_logprobs": self._logprobs(ids)}
                 )
+            if request.logprob_token_ids:
+                top = tuple(TopLogprob(t, "", score(t), 0) for t in request.logprob_token_ids)
+                steps = [TokenLogprob(t, "", score(t), 1, top) for t in chunk.token_ids]
+                chunk = GenerationChunk(**{**chunk.__dict__, "logprobs": steps})
             yield chunk
 
     def _logprobs(self, ids: list[int]) -> list[TokenLogprob]:
@@ -99,6 +104,30 @@ def test_loglikelihood_scores_exactly_the_continuation_tokens(gateway):
     # An empty context is conditioned on BOS: both tokens of "cd" are scored.
     assert empty_logprob == pytest.approx(score(ord("c") % 100) + score(ord("d") % 100))
     assert engine.seen[-1].prompt_token_ids[0] == 1 and engine.seen[-1].max_tokens == 1
+
+
+@pytest.mark.parametrize("group_choices", [True, False])
+def test_one_token_choices_of_a_context_share_one_request(gateway, group_choices):
+    target, engine = gateway
+    lm = LoraplexLM(target=target, group_choices=group_choices)
+    choices = ["a", "b", "c", "d"]  # one token each; "d" is token 0, the one generated
+    pairs = [("Q: x?", c) for c in choices] + [("Q: x?", " ab"), ("Q: y?", "a")]
+    before = len(engine.seen)
+    results = lm.loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
+    sent = engine.seen[before:]
+    for (_, continuation), (logprob, _) in zip(pairs, results, strict=True):
+        tokens = [ord(c) % INFO.vocab_size for c in continuation]
+        assert logprob == pytest.approx(sum(map(score, tokens)))
+    if not group_choices:  # one prompt-logprob request per pair
+        assert len(sent) == len(pairs) and all(r.prompt_logprobs == 0 for r in sent)
+        return
+    # one request per context for the one-token choices (+1 for the two-token continuation)
+    assert len(sent) == 3
+    grouped = {r.prompt_token_ids: r for r in sent if r.logprob_token_ids}
+    x_context = tuple(lm.tok_encode("Q: x?"))
+    assert grouped[x_context].logprob_token_ids == (0, 97, 98, 99)
+    assert grouped[x_context].prompt_logprobs is None and grouped[x_context].max_tokens == 1
+    assert [greedy for _, greedy in results[:4]] == [False, False, False, True]
 
 
 def test_rolling_windows_score_every_token_once_over_a_short_context(gateway):

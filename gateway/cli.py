@@ -60,6 +60,9 @@ def serve(
     max_lora_rank: Annotated[int | None, typer.Option(help="Largest LoRA rank.")] = None,
     max_model_len: Annotated[int | None, typer.Option(help="Context length.")] = None,
     kv_cache_space_gib: Annotated[float | None, typer.Option(help="CPU KV cache GiB.")] = None,
+    cpu_reserved_cores: Annotated[
+        int | None, typer.Option(help="CPU cores kept free of compute threads (0: none).")
+    ] = None,
     enforce_eager: Annotated[bool | None, typer.Option(help="Skip compilation.")] = None,
     grace_period_s: Annotated[float | None, typer.Option(help="Drain time on SIGTERM.")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,

@@ -64,6 +64,10 @@ class GatewayConfig(BaseModel):
     """Most alternatives a request may ask for per token (logprobs / prompt_logprobs)."""
     kv_cache_space_gib: float = Field(default=1.0, gt=0)
     """CPU engine only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."""
+    cpu_reserved_cores: int | None = Field(default=None, ge=0)
+    """CPU engine only: cores kept free of the model's compute threads, for the gRPC server and
+    vLLM's scheduler (VLLM_CPU_NUM_OF_RESERVED_CPU); default: vLLM's (1). 0 computes on every
+    core: faster prefill-heavy work (evaluations) on small machines, slower request handling."""
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     """GPU engine only: fraction of GPU memory vLLM may use."""
     executor_backend: Literal["mp", "uni"] | None = None

@@ -40,11 +40,14 @@ log = logging.getLogger(__name__)
 
 
 def _prepare_platform(config: GatewayConfig) -> None:
-    """CPU: vLLM sizes its KV cache from NUMA node 0 only, so the size must be given."""
+    """CPU: vLLM sizes its KV cache from NUMA node 0 only, so the size must be given; and it
+    binds its compute threads to all cores but the reserved ones."""
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{config.kv_cache_space_gib:g}"
+        if config.cpu_reserved_cores is not None:
+            os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(config.cpu_reserved_cores)
 
 
 def _lora_fixes_active() -> bool:

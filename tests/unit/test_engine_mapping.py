@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from gateway.domain import FinishReason
@@ -36,3 +38,39 @@ def test_versions_of_one_adapter_stay_distinct_lora_requests(tmp_path):
     same_weights = ResolvedAdapter("other-name", 3, 7, tmp_path / "a", 8, ("q_proj",))
     requests = {lora_request_for(v1), lora_request_for(v2), lora_request_for(same_weights)}
     assert sorted(r.lora_int_id for r in requests) == [7, 9]
+
+
+def test_flat_logprobs_keep_the_actual_tokens_rank_when_it_is_also_scored():
+    """vLLM lists the generated token first (vocabulary rank), then the scored ids with their
+    list positions as "ranks"; a dict would let the second entry overwrite the first."""
+    from vllm.logprobs import FlatLogprobs
+
+    from gateway.engine import _token_logprobs
+
+    flat = FlatLogprobs()
+    flat.append_fast(
+        [40, 7, 40, 9], [-0.5, -3.0, -0.5, -2.0], iter([4, 1, 2, 3]), ["a", "b", "a", "c"]
+    )
+    [scored] = _token_logprobs([40], flat, 0, scored=True)
+    assert (scored.token_id, scored.rank, scored.logprob) == (40, 4, -0.5)
+    assert [(t.token_id, t.rank) for t in scored.top] == [(7, 0), (40, 0), (9, 0)]
+    prompt = FlatLogprobs()
+    prompt.append(None)  # the first prompt token has no context
+    prompt.append_fast([5, 5, 6], [-1.0, -1.0, -0.2], iter([2, 1, 2]), ["x", "x", "y"])
+    first, second = _token_logprobs([3, 5], prompt, 1)
+    assert first.logprob is None and (second.rank, second.logprob) == (2, -1.0)
+    assert [(t.token_id, t.rank) for t in second.top] == [(5, 1)]  # top-1 only
+
+
+def test_cpu_reserved_cores_reach_vllm(monkeypatch):
+    from gateway.config import GatewayConfig
+    from gateway.engine import _prepare_platform
+
+    # setenv first, so both variables are put back (or removed) after the test
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "")
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "")
+    _prepare_platform(GatewayConfig(model="m"))
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ  # vLLM's default
+    _prepare_platform(GatewayConfig(model="m", cpu_reserved_cores=0))
+    assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"

@@ -28,6 +28,7 @@ from gateway.registry.store import (
     AliasMove,
     AuditEvent,
     EvaluationRecord,
+    Verdict,
     VersionRecord,
 )
 from loraplex.v1 import adapters_pb2 as pb
@@ -36,6 +37,12 @@ from loraplex.v1 import adapters_pb2_grpc as pb_grpc
 ACTOR_METADATA = "loraplex-actor"
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+VERDICT_OF: dict[int, Verdict] = {
+    pb.VERDICT_PASS: "pass",
+    pb.VERDICT_FAIL: "fail",
+    pb.VERDICT_ERROR: "error",
+}
+VERDICT_PB = {verdict: value for value, verdict in VERDICT_OF.items()}
 
 
 def _limit(field: str, value: int) -> int:
@@ -78,7 +85,7 @@ def evaluation_to_pb(e: EvaluationRecord) -> pb.Evaluation:
     return pb.Evaluation(
         id=e.id,
         suite=e.suite,
-        verdict=pb.VERDICT_PASS if e.passed else pb.VERDICT_FAIL,
+        verdict=VERDICT_PB[e.verdict],
         report=_struct(e.report),
         actor=e.actor,
         create_time=to_timestamp(e.created_at),
@@ -361,18 +368,19 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
         self, request: pb.RecordEvaluationRequest, context: grpc.aio.ServicerContext
     ) -> pb.RecordEvaluationResponse:
         require_adapter(request.adapter)
-        if request.verdict == pb.VERDICT_UNSPECIFIED:
-            raise InvalidRequest("verdict", "say VERDICT_PASS or VERDICT_FAIL")
+        verdict = VERDICT_OF.get(request.verdict)
+        if verdict is None:  # unset, or a value this gateway does not know
+            raise InvalidRequest("verdict", "say VERDICT_PASS, VERDICT_FAIL or VERDICT_ERROR")
         record = await self._reg().record_evaluation(
             request.adapter,
             request.version,
             request.suite,
-            request.verdict == pb.VERDICT_PASS,
+            verdict,
             _dict(request.report),
             actor_of(context),
         )
         if self._metrics is not None:
-            self._metrics.verdict(request.adapter, record.passed)
+            self._metrics.verdict(request.adapter, record.verdict)
         return pb.RecordEvaluationResponse(evaluation=evaluation_to_pb(record))
 
     @grpc_errors

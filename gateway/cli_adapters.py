@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from gateway.client import AdapterClient
+from gateway.client import VERDICTS, AdapterClient
 from loraplex.v1 import adapters_pb2 as pb
 
 EXIT_CODES = {
@@ -163,7 +163,7 @@ def _aliases(aliases: Mapping[str, int]) -> str:
 
 
 def _verdicts(version: pb.AdapterVersion) -> str:
-    verdict = {pb.VERDICT_PASS: "pass", pb.VERDICT_FAIL: "fail"}
+    verdict = {pb.VERDICT_PASS: "pass", pb.VERDICT_FAIL: "fail", pb.VERDICT_ERROR: "error"}
     return ", ".join(f"{e.suite}={verdict.get(e.verdict, '?')}" for e in version.evaluations) or "-"
 
 
@@ -441,20 +441,23 @@ def evaluate(
     name: Name,
     version: Version,
     suite: Annotated[str, typer.Option(help="Evaluation suite or gate, e.g. gate:arc_easy.")],
-    passed: Annotated[bool, typer.Option("--pass/--fail", help="The verdict.")],
+    verdict: Annotated[
+        str, typer.Option(help="The verdict: pass, fail or error (the evaluation did not finish).")
+    ],
     report: Annotated[str | None, typer.Option(help="Report: JSON object, or @file.")] = None,
     target: Target = DEFAULT_TARGET,
     actor: Actor = None,
     as_json: AsJson = False,
 ) -> None:
     """Record an evaluation verdict (and its report) for a version."""
+    if verdict not in VERDICTS:
+        fail(f"--verdict must be one of {', '.join(VERDICTS)}, got {verdict!r}", 2)
     body = _json_object(report, "--report") or {}
     with _connect(target, actor) as client:
-        evaluation = client.record_evaluation(name, version, suite, passed, body)
+        evaluation = client.record_evaluation(name, version, suite, verdict, body)
     if as_json:
         print_json(evaluation)
         return
-    verdict = "pass" if passed else "fail"
     typer.echo(f"recorded {suite}={verdict} for {name}@v{version} (evaluation {evaluation.id})")
 
 

@@ -45,6 +45,7 @@ TLS_KEY_ENV = "LORAPLEX_TLS_KEY_FILE"
 
 _SAMPLING = set(pb.SamplingParams.DESCRIPTOR.fields_by_name)
 _STOPPING = set(pb.StoppingCriteria.DESCRIPTOR.fields_by_name)
+VERDICTS = {"pass": apb.VERDICT_PASS, "fail": apb.VERDICT_FAIL, "error": apb.VERDICT_ERROR}
 _TOP_LEVEL = {"request_id", "logprobs", "prompt_logprobs", "logprob_token_ids"}
 
 Request = TypeVar("Request", pb.GenerateRequest, pb.GenerateStreamRequest)
@@ -415,14 +416,16 @@ class AdapterClient:
         return self._call(self.stub.DeleteVersion, request).artifact_removed
 
     def record_evaluation(
-        self, name: str, version: int, suite: str, passed: bool, report: dict | None = None
+        self, name: str, version: int, suite: str, verdict: str, report: dict | None = None
     ) -> apb.Evaluation:
-        """Attach an evaluation report and its verdict to a version."""
+        """Attach an evaluation report and its verdict ("pass", "fail" or "error") to a version."""
+        if verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {sorted(VERDICTS)}, got {verdict!r}")
         request = apb.RecordEvaluationRequest(
             adapter=name,
             version=version,
             suite=suite,
-            verdict=apb.VERDICT_PASS if passed else apb.VERDICT_FAIL,
+            verdict=VERDICTS[verdict],
             report=_struct(report),
         )
         return self._call(self.stub.RecordEvaluation, request).evaluation

@@ -292,7 +292,7 @@ class GatewayMetrics:
         )
         self.gate_verdicts = Counter(
             PREFIX + "gate_verdicts_total",
-            "Evaluation verdicts recorded for adapter versions (pass / fail).",
+            "Evaluation verdicts recorded for adapter versions (pass / fail / error).",
             ["adapter", "verdict"],
             registry=r,
         )
@@ -407,8 +407,9 @@ class GatewayMetrics:
     def adapter_files_broken(self, name: str, reason: str) -> None:
         self.file_errors.labels(self.labels(name), reason).inc()
 
-    def verdict(self, name: str, passed: bool) -> None:
-        self.gate_verdicts.labels(self.labels(name), "pass" if passed else "fail").inc()
+    def verdict(self, name: str, verdict: str) -> None:
+        """An evaluation recorded: `verdict` is pass, fail or error."""
+        self.gate_verdicts.labels(self.labels(name), verdict).inc()
 
     def started(self, engine: str, base_model: str, quantization: str) -> None:
         version = metadata.version("loraplex")

@@ -30,6 +30,7 @@ from gateway.registry.store import (
     EvaluationRecord,
     NewVersion,
     RegistryStore,
+    Verdict,
     VersionRecord,
     check_alias_move,
     check_registration,
@@ -269,10 +270,10 @@ class Registry:
         return await asyncio.to_thread(self.store.audit_events, adapter, limit)
 
     async def record_evaluation(
-        self, name: str, version: int, suite: str, passed: bool, report: dict, actor: str
+        self, name: str, version: int, suite: str, verdict: Verdict, report: dict, actor: str
     ) -> EvaluationRecord:
         record = await asyncio.to_thread(
-            self.store.record_evaluation, name, version, suite, passed, report, actor
+            self.store.record_evaluation, name, version, suite, verdict, report, actor
         )
         await self._publish()
         return record

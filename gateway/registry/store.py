@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 from sqlalchemy import (
     JSON,
@@ -29,10 +29,13 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    case,
+    column,
     create_engine,
     event,
     func,
     select,
+    table,
     text,
     update,
 )
@@ -45,7 +48,7 @@ from gateway.registry.validate import AdapterFacts
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # v2: evaluations.verdict (pass / fail / error) replaces evaluations.passed
 PRODUCTION = "production"
 ADAPTER_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 ALIAS_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
@@ -53,6 +56,8 @@ VERSION_REF = re.compile(r"^v(\d+)$")
 WRITE_ATTEMPTS = 5
 
 T = TypeVar("T")
+Verdict = Literal["pass", "fail", "error"]
+VERDICTS: tuple[Verdict, ...] = get_args(Verdict)
 
 
 def _now() -> dt.datetime:
@@ -126,7 +131,7 @@ class EvaluationRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), index=True)
     suite: Mapped[str] = mapped_column(String(256))
-    passed: Mapped[bool] = mapped_column(Boolean)
+    verdict: Mapped[str] = mapped_column(String(8))  # one of VERDICTS
     report: Mapped[dict] = mapped_column(JSON, default=dict)
     actor: Mapped[str] = mapped_column(String(256))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
@@ -159,7 +164,7 @@ class StateRow(Base):
 class EvaluationRecord:
     id: int
     suite: str
-    passed: bool
+    verdict: Verdict
     report: dict
     actor: str
     created_at: dt.datetime
@@ -272,6 +277,34 @@ def check_alias_move(alias: str, force: bool, reason: str) -> None:
         raise InvalidRequest("reason", "a forced move needs a reason")
 
 
+# ---------------------------------------------------------------- schema upgrades
+
+
+def _v1_to_v2(conn: Connection) -> None:
+    """evaluations.passed (boolean) -> evaluations.verdict: true was a pass; false a fail, or an
+    error when its report says so (v1 gates recorded their errors as not passed, with
+    `"verdict": "error"` in the report).
+
+    The column default only fills the old rows: PostgreSQL drops it after; SQLite cannot (no
+    ALTER COLUMN) and keeps it unused, since every insert names its verdict.
+    """
+    conn.execute(
+        text("ALTER TABLE evaluations ADD COLUMN verdict VARCHAR(8) NOT NULL DEFAULT 'fail'")
+    )
+    v1 = table("evaluations", column("passed", Boolean), column("report", JSON), column("verdict"))
+    said_error = v1.c.report["verdict"].as_string() == "error"
+    conn.execute(
+        update(v1).values(verdict=case((v1.c.passed, "pass"), (said_error, "error"), else_="fail"))
+    )
+    conn.execute(text("ALTER TABLE evaluations DROP COLUMN passed"))
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("ALTER TABLE evaluations ALTER COLUMN verdict DROP DEFAULT"))
+
+
+# UPGRADES[n] takes a schema from version n to n + 1, inside the migration's transaction.
+UPGRADES: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2}
+
+
 # ---------------------------------------------------------------- the store
 
 
@@ -365,7 +398,11 @@ class RegistryStore:
                 raise RuntimeError(
                     f"registry schema v{state} is newer than this loraplex (v{SCHEMA_VERSION})"
                 )
-            # Upgrades from older schema versions go here, one step per version.
+            elif state < SCHEMA_VERSION:
+                for step in range(state, SCHEMA_VERSION):  # one step per version
+                    log.info("upgrading the registry schema from v%d to v%d", step, step + 1)
+                    UPGRADES[step](conn)
+                conn.execute(update(StateRow).values(schema_version=SCHEMA_VERSION))
 
     # -- helpers
 
@@ -434,7 +471,12 @@ class RegistryStore:
     @staticmethod
     def _evaluation_record(row: EvaluationRow) -> EvaluationRecord:
         return EvaluationRecord(
-            row.id, row.suite, row.passed, dict(row.report or {}), row.actor, _utc(row.created_at)
+            row.id,
+            row.suite,
+            row.verdict,  # type: ignore[arg-type]  # only VERDICTS are ever written
+            dict(row.report or {}),
+            row.actor,
+            _utc(row.created_at),
         )
 
     @staticmethod
@@ -713,9 +755,15 @@ class RegistryStore:
             .order_by(EvaluationRow.id.desc())
             .limit(1)
         )
-        if latest is not None and latest.passed:
+        if latest is not None and latest.verdict == "pass":
             return
-        why = "its latest evaluation failed" if latest else "it has no evaluation"
+        why = (
+            "it has no evaluation"
+            if latest is None
+            else "its latest evaluation ended in error"
+            if latest.verdict == "error"
+            else "its latest evaluation failed"
+        )
         raise PreconditionFailed(
             f"{adapter.name}@v{target.number} cannot go to production: {why}; record a passing "
             "evaluation, or force with a reason"
@@ -778,10 +826,12 @@ class RegistryStore:
         return self._write(work)
 
     def record_evaluation(
-        self, name: str, version: int, suite: str, passed: bool, report: dict, actor: str
+        self, name: str, version: int, suite: str, verdict: Verdict, report: dict, actor: str
     ) -> EvaluationRecord:
         if not suite:
             raise InvalidRequest("suite", "name the evaluation suite")
+        if verdict not in VERDICTS:
+            raise InvalidRequest("verdict", f"{verdict!r} is not one of {', '.join(VERDICTS)}")
 
         def work(session: Session) -> EvaluationRecord:
             adapter = self._adapter(session, name, lock=True)
@@ -789,7 +839,7 @@ class RegistryStore:
             row = EvaluationRow(
                 version_id=target.id,
                 suite=suite,
-                passed=passed,
+                verdict=verdict,
                 report=report,
                 actor=actor,
                 created_at=_now(),
@@ -797,7 +847,7 @@ class RegistryStore:
             session.add(row)
             session.flush()
             self._audit(
-                session, actor, "record_evaluation", name, version, suite=suite, passed=passed
+                session, actor, "record_evaluation", name, version, suite=suite, verdict=verdict
             )
             return self._evaluation_record(row)
 

@@ -50,7 +50,7 @@ async def test_promote_then_rollback_switches_the_served_version(gateway, regist
             return reply.adapter.version, list(reply.token_ids)
 
         assert await served() == (1, alpha)
-        registry.record_evaluation("acme", 2, "e2e-gate", True, {"score": 1.0})
+        registry.record_evaluation("acme", 2, "e2e-gate", "pass", {"score": 1.0})
         registry.set_alias("acme", "production", 2, expected=1, reason="passed the gate")
         assert await served() == (2, beta)  # the very next request
         registry.set_alias("acme", "production", 1, expected=2, reason="rollback", force=True)

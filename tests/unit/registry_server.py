@@ -13,6 +13,7 @@ from gateway.auth import AuthInterceptor
 from gateway.generation import GenerationServicer
 from gateway.key_service import KeyServicer
 from gateway.keys import KeyRing
+from gateway.metrics import GatewayMetrics
 from gateway.pipeline import GenerationPipeline
 from gateway.registry.service import Registry
 from gateway.registry.validate import BaseModelFacts
@@ -48,11 +49,12 @@ async def start_registry_server(
     keys: KeyRing | None = None,
     credentials: grpc.ServerCredentials | None = None,
     admission: Admission | None = None,
+    metrics: GatewayMetrics | None = None,
 ) -> RegistryServer:
     """Serve AdapterService + GenerationService on a free loopback port.
 
     With `keys`: API keys required (the gateway's interceptor) and KeyService served; with
-    `credentials`: TLS.
+    `credentials`: TLS; with `metrics`: the registry's lifecycle metrics counted there.
     """
     registry = Registry.open(
         url or f"sqlite:///{data_dir / 'registry.db'}",
@@ -69,7 +71,7 @@ async def start_registry_server(
         GenerationServicer(lambda: pipeline, admission=admission), server
     )
     adapters_pb2_grpc.add_AdapterServiceServicer_to_server(
-        AdapterServicer(lambda: registry, lambda: pipeline), server
+        AdapterServicer(lambda: registry, lambda: pipeline, metrics), server
     )
     if keys is not None:
         keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(keys), server)

@@ -9,6 +9,7 @@ import asyncio
 import json
 import tarfile
 
+import grpc
 import pytest
 from click.testing import Result
 from typer.testing import CliRunner
@@ -16,6 +17,8 @@ from typer.testing import CliRunner
 from gateway.cli import app
 from gateway.client import AdapterClient, default_actor
 from gateway.process import free_port
+from loraplex.v1 import adapters_pb2 as apb
+from loraplex.v1 import adapters_pb2_grpc
 from tests.unit.registry_server import start_registry_server
 
 runner = CliRunner()
@@ -86,9 +89,20 @@ async def test_register_promote_rollback_delete(server, tiny_model):
     assert out.strip() == "acme@production: (new) -> v1 (by alice@ci, forced)"
 
     out = await ok(
-        server, "evaluate", "acme", "2", "--suite", "gate:smoke", "--pass", "--report", '{"s": 1}'
+        server,
+        "evaluate",
+        "acme",
+        "2",
+        "--suite",
+        "gate:smoke",
+        "--verdict",
+        "pass",
+        "--report",
+        '{"s": 1}',
     )
     assert out.startswith("recorded gate:smoke=pass for acme@v2")
+    err = await refused(server, 2, "evaluate", "acme", "2", "--suite", "x", "--verdict", "maybe")
+    assert "--verdict must be one of pass, fail, error" in err
     out = await ok(server, "promote", "acme", "2", "--reason", "passed the gate")
     assert out.startswith("acme@production: v1 -> v2 (by ")
     shown = await as_json(server, "show", "acme")
@@ -179,3 +193,17 @@ async def test_client_pages_through_adapters_and_records_its_actor(server, tiny_
     small, large, actor = await asyncio.to_thread(work)
     assert small == large == sorted(large) and {"paged-a", "paged-b"} <= set(small)
     assert actor == "bob@laptop"
+
+
+async def test_show_names_every_verdict(server, tiny_model):
+    await ok(server, "register", "judged", str(tiny_model.adapters["alpha"]))
+    verdicts = {"a": apb.VERDICT_PASS, "b": apb.VERDICT_FAIL, "c": apb.VERDICT_ERROR}
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub = adapters_pb2_grpc.AdapterServiceStub(channel)
+        for suite, verdict in verdicts.items():
+            await stub.RecordEvaluation(
+                apb.RecordEvaluationRequest(
+                    adapter="judged", version=1, suite=suite, verdict=verdict
+                )
+            )
+    assert "a=pass, b=fail, c=error" in await ok(server, "show", "judged")

@@ -198,9 +198,11 @@ def test_queue_rollbacks_verdicts_and_aliases(served):
     moves = {"adapter": "alpha", "alias": "production"}
     assert sample_value(registry, "loraplex_adapter_promotions_total", **moves) == 2
     assert sample_value(registry, "loraplex_adapter_rollbacks_total", **moves) == 1
-    metrics.verdict("alpha", passed=False)
-    verdict = {"adapter": "alpha", "verdict": "fail"}
-    assert sample_value(registry, "loraplex_gate_verdicts_total", **verdict) == 1
+    for verdict in ("fail", "error", "error"):
+        metrics.verdict("alpha", verdict)
+    for verdict, count in (("pass", 0), ("fail", 1), ("error", 2)):
+        labels = {"adapter": "alpha", "verdict": verdict}
+        assert sample_value(registry, "loraplex_gate_verdicts_total", **labels) == count
     registry.register(AliasCollector(lambda: [("alpha", "production", 1)], metrics.labels))
     info = {"adapter": "alpha", "alias": "production", "version": "1"}
     assert sample_value(registry, "loraplex_alias_info", **info) == 1

@@ -15,8 +15,10 @@ import uuid
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
 
 from gateway.client import AsyncClient
+from gateway.metrics import AdapterLabels, GatewayMetrics
 from loraplex.v1 import adapters_pb2 as apb
 from loraplex.v1 import adapters_pb2_grpc
 from tests.unit.registry_server import start_registry_server
@@ -351,3 +353,43 @@ async def test_a_caller_cancelled_mid_commit_leaves_a_complete_version(
     [(name, number, sha, *_)] = store.snapshot().versions
     assert (name, number) == ("acme", 1)
     assert server.registry.artifacts.path(sha).is_dir()
+
+
+async def test_record_evaluation_keeps_pass_fail_and_error_and_counts_them(tiny_model, tmp_path):
+    collected = CollectorRegistry()
+    metrics = GatewayMetrics(AdapterLabels(lambda _: True, cap=10), collected)
+    server = await start_registry_server(tiny_model.base, tmp_path / "data", metrics=metrics)
+    channel = grpc.aio.insecure_channel(server.target)
+    stub = adapters_pb2_grpc.AdapterServiceStub(channel)
+    try:
+        await register(stub, copy_adapter(tiny_model, tmp_path))
+        verdicts = [apb.VERDICT_PASS, apb.VERDICT_FAIL, apb.VERDICT_ERROR]
+        for verdict in verdicts:
+            request = apb.RecordEvaluationRequest(
+                adapter="acme", version=1, suite="gate", verdict=verdict
+            )
+            assert (await stub.RecordEvaluation(request)).evaluation.verdict == verdict
+        adapter = (await stub.GetAdapter(apb.GetAdapterRequest(name="acme"))).adapter
+        assert [e.verdict for e in adapter.versions[0].evaluations] == verdicts
+        for label in ("pass", "fail", "error"):
+            sample = {"adapter": "acme", "verdict": label}
+            assert collected.get_sample_value("loraplex_gate_verdicts_total", sample) == 1
+        await expect_error(  # production's rule reads the latest: an error blocks it
+            stub.SetAlias(apb.SetAliasRequest(adapter="acme", alias="production", version=1)),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "its latest evaluation ended in error",
+        )
+        before = state(server)
+        for unknown in (apb.VERDICT_UNSPECIFIED, 7):  # unset, or newer than this gateway
+            request = apb.RecordEvaluationRequest(
+                adapter="acme", version=1, suite="gate", verdict=unknown
+            )
+            await expect_error(
+                stub.RecordEvaluation(request),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "say VERDICT_PASS, VERDICT_FAIL or VERDICT_ERROR",
+            )
+        assert state(server) == before
+    finally:
+        await channel.close()
+        await server.stop()

@@ -77,10 +77,10 @@ def test_production_needs_a_passing_evaluation_unless_forced(store):
     move = store.set_alias("acme", "production", 1, "alice", force=True, reason="hotfix")
     assert move.forced and move.reason == "hotfix" and move.from_version == 0
     store.add_version("acme", new("b"), "alice")
-    store.record_evaluation("acme", 2, "gate", False, {"score": 0.1}, "ci")
+    store.record_evaluation("acme", 2, "gate", "fail", {"score": 0.1}, "ci")
     with pytest.raises(PreconditionFailed, match="latest evaluation failed"):
         store.set_alias("acme", "production", 2, "alice")
-    store.record_evaluation("acme", 2, "gate", True, {"score": 0.9}, "ci")
+    store.record_evaluation("acme", 2, "gate", "pass", {"score": 0.9}, "ci")
     store.set_alias("acme", "production", 2, "ci", expected=1, reason="won the gate")
     # a rollback is a move like any other: v1 has no passing evaluation, so it needs force
     with pytest.raises(PreconditionFailed, match="no evaluation"):
@@ -89,7 +89,7 @@ def test_production_needs_a_passing_evaluation_unless_forced(store):
     assert (back.from_version, back.to_version, back.forced) == (2, 1, True)
     assert store.get_adapter("acme").aliases == {"production": 1}
     # a version whose latest evaluation failed cannot return without force
-    store.record_evaluation("acme", 2, "regression", False, {}, "ci")
+    store.record_evaluation("acme", 2, "regression", "fail", {}, "ci")
     with pytest.raises(PreconditionFailed, match="latest evaluation failed"):
         store.set_alias("acme", "production", 2, "alice", expected=1)
 
@@ -195,3 +195,57 @@ def test_schema_is_created_once_and_a_newer_schema_is_refused(registry_url):
     again.close()
     with pytest.raises(RuntimeError, match="newer than this loraplex"):
         RegistryStore(registry_url)
+
+
+def test_an_error_verdict_is_kept_as_such_and_blocks_production(store):
+    store.add_version("acme", new("a"), "alice")
+    record = store.record_evaluation("acme", 1, "gate", "error", {"error": "timeout"}, "ci")
+    assert record.verdict == "error"
+    assert [e.verdict for e in store.get_adapter("acme").versions[0].evaluations] == ["error"]
+    [event] = [e for e in store.audit_events("acme") if e.action == "record_evaluation"]
+    assert event.details == {"suite": "gate", "verdict": "error"}
+    with pytest.raises(PreconditionFailed, match="latest evaluation ended in error"):
+        store.set_alias("acme", "production", 1, "alice")
+    before = store.generation()
+    with pytest.raises(InvalidRequest, match="'maybe' is not one of pass, fail, error"):
+        store.record_evaluation("acme", 1, "gate", "maybe", {}, "ci")
+    assert store.generation() == before
+
+
+def _as_schema_v1(url: str) -> None:
+    """Turn a fresh registry into what loraplex wrote with schema v1: evaluations.passed."""
+    store = RegistryStore(url)
+    with store.engine.begin() as conn:
+        conn.execute(
+            text("ALTER TABLE evaluations ADD COLUMN passed BOOLEAN NOT NULL DEFAULT FALSE")
+        )
+        conn.execute(text("UPDATE evaluations SET passed = (verdict = 'pass')"))
+        conn.execute(text("ALTER TABLE evaluations DROP COLUMN verdict"))
+        conn.execute(text("UPDATE registry_state SET schema_version = 1"))
+    store.close()
+
+
+def test_a_schema_v1_registry_is_upgraded_and_its_evaluations_keep_their_meaning(registry_url):
+    store = RegistryStore(registry_url)
+    store.add_version("acme", new("a"), "alice")
+    store.record_evaluation("acme", 1, "gate", "pass", {"verdict": "pass"}, "ci")
+    store.record_evaluation("acme", 1, "manual", "fail", {}, "ci")
+    # v1 gates recorded their errors as not passed, the report saying why
+    store.record_evaluation("acme", 1, "gate", "fail", {"verdict": "error", "error": "x"}, "ci")
+    store.close()
+    _as_schema_v1(registry_url)
+
+    upgraded = RegistryStore(registry_url)
+    with upgraded.engine.connect() as conn:
+        assert conn.execute(text("SELECT schema_version FROM registry_state")).scalar() == 2
+    evaluations = upgraded.get_adapter("acme").versions[0].evaluations
+    assert [(e.suite, e.verdict) for e in evaluations] == [
+        ("gate", "pass"),
+        ("manual", "fail"),
+        ("gate", "error"),
+    ]
+    assert evaluations[2].report == {"verdict": "error", "error": "x"}
+    upgraded.record_evaluation("acme", 1, "gate", "pass", {}, "ci")  # and it takes new ones
+    upgraded.set_alias("acme", "production", 1, "ci", expected=0)
+    upgraded.close()
+    RegistryStore(registry_url).close()  # upgraded once: opening it again changes nothing

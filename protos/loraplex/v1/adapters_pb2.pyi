@@ -23,6 +23,7 @@ class Verdict(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     VERDICT_UNSPECIFIED: _ClassVar[Verdict]
     VERDICT_PASS: _ClassVar[Verdict]
     VERDICT_FAIL: _ClassVar[Verdict]
+    VERDICT_ERROR: _ClassVar[Verdict]
 RESIDENCY_UNSPECIFIED: Residency
 RESIDENCY_LOADED: Residency
 RESIDENCY_CPU_CACHED: Residency
@@ -30,6 +31,7 @@ RESIDENCY_DISK: Residency
 VERDICT_UNSPECIFIED: Verdict
 VERDICT_PASS: Verdict
 VERDICT_FAIL: Verdict
+VERDICT_ERROR: Verdict
 
 class Adapter(_message.Message):
     __slots__ = ("name", "description", "owner", "create_time", "aliases", "versions")

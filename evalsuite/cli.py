@@ -1,7 +1,8 @@
 """`loraplex eval ...`: lm-eval through the gateway, and the promotion gate.
 
 Exit codes of `gate`: 0 pass (and promoted when asked), 1 fail, 2 error (bad policy, gateway
-down, adapter missing, a judge failing, promotion refused): never promoted unless 0.
+down, adapter missing, a judge failing, a request past its deadline, promotion refused): never
+promoted unless 0.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Annotated
 import typer
 
 from evalsuite.errors import EvalError, EvalInputError, describe_failure
+from evalsuite.fanout import DEFAULT_TIMEOUT_S
 from evalsuite.policy import DEFAULT_SAMPLING
 from gateway.cli_adapters import DEFAULT_TARGET, fail
 
@@ -98,6 +100,12 @@ Options = Annotated[
     list[str] | None,
     typer.Option("--judge-option", help="Judge option key=value (YAML value), repeatable."),
 ]
+Timeout = Annotated[
+    float,
+    typer.Option(
+        min=0.001, help="Deadline of each request to the gateway, seconds (generation, LLM judge)."
+    ),
+]
 
 
 def _options(items: list[str] | None, what: str) -> dict:
@@ -147,6 +155,7 @@ def compare(
         list[str] | None, typer.Option(help="Generation option key=value, repeatable.")
     ] = None,
     target: Annotated[str, typer.Option(help="Gateway address host:port.")] = DEFAULT_TARGET,
+    timeout: Timeout = DEFAULT_TIMEOUT_S,
     out: Annotated[Path | None, typer.Option(help="Write the comparison as JSON.")] = None,
     export_human: Annotated[
         Path | None, typer.Option(help="Also export the pairs, blinded, for human raters.")
@@ -175,7 +184,8 @@ def compare(
         result = asyncio.run(
             run_compare(
                 target, candidate, baseline, load_prompts(prompts),
-                make_judge(judge, gateway=target, **options), sampling_options,
+                make_judge(judge, gateway=target, deadline=timeout, **options), sampling_options,
+                timeout=timeout,
             )
         )  # fmt: skip
     except EvalError as exc:
@@ -217,6 +227,7 @@ def rank(
     judge_option: Options = None,
     sampling: Annotated[list[str] | None, typer.Option(help="Generation option key=value.")] = None,
     target: Annotated[str, typer.Option(help="Gateway address host:port.")] = DEFAULT_TARGET,
+    timeout: Timeout = DEFAULT_TIMEOUT_S,
     out: Annotated[Path | None, typer.Option(help="Write the ratings as JSON.")] = None,
 ) -> None:
     """Every pair of systems compared on the prompts; Bradley-Terry ratings with bootstrap CIs."""
@@ -244,8 +255,9 @@ def rank(
                     a,
                     b,
                     items,
-                    make_judge(judge, gateway=target, **options),
+                    make_judge(judge, gateway=target, deadline=timeout, **options),
                     sampling_options,
+                    timeout=timeout,
                 )
             )
             games += [(a or "base", b or "base", o) for o in result.outcomes]

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from evalsuite.errors import EvalError, EvalInputError
 from evalsuite.fanout import (
+    DEFAULT_TIMEOUT_S,
     GenerateFn,
     bounded_gather,
     check_finished,
@@ -118,14 +119,15 @@ async def generate_pairs(
     sampling: dict,
     concurrency: int = 16,
     *,
-    timeout: float | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
     progress: bool = True,
     generate: GenerateFn | None = None,
 ) -> list[Pair]:
     """Both systems answer every prompt with the SAME options, all requests in flight together
-    (the engine batches across adapters). gRPC errors propagate; a failed or cancelled
-    completion, or a system served by more than one version (an alias moved mid-run), is an
-    EvalError: either way the comparison would not be of two fixed systems."""
+    (the engine batches across adapters), each with a `timeout` deadline (seconds). gRPC errors
+    propagate; a deadline passing is a DeadlineExceeded; a failed or cancelled completion, or a
+    system served by more than one version (an alias moved mid-run), is an EvalError: either way
+    the comparison would not be of two fixed systems."""
     options = check_generation_options(sampling)
     prompts = list(prompts)
     jobs = []
@@ -218,12 +220,13 @@ async def compare(
     confidence: float = 0.95,
     resamples: int = 10000,
     seed: int = 0,
-    timeout: float | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
     progress: bool = True,
     generate: GenerateFn | None = None,
 ) -> ComparisonResult:
-    """generate_pairs, then the judge, then `summarize_pairwise` over the candidate's outcomes.
-    A judge that needs references is checked against the prompts before anything is generated."""
+    """generate_pairs (`timeout`: each generation's deadline), then the judge, then
+    `summarize_pairwise` over the candidate's outcomes. A judge that needs references is checked
+    against the prompts before anything is generated."""
     from evalsuite.stats import summarize_pairwise
 
     if not prompts:

@@ -1,5 +1,6 @@
-"""Many generations through the gateway at once: bounded concurrency, a progress bar, and the
-first failure cancelling the rest (an evaluation with a hole in it must not look finished)."""
+"""Many generations through the gateway at once: bounded concurrency, a progress bar, a deadline
+on every request, and the first failure cancelling the rest (an evaluation with a hole in it must
+not look finished)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,15 @@ from typing import Any, TypeVar
 
 from tqdm import tqdm
 
-from evalsuite.errors import EvalError, EvalInputError
+from evalsuite.errors import EvalError, EvalInputError, gateway_deadline
 from gateway.client import AsyncClient
 from loraplex.v1 import generation_pb2 as pb
 
 T = TypeVar("T")
+# Per-request deadline of generations through the gateway (seconds), unless the caller sets one:
+# long enough for a slow CPU engine with a full queue, short enough that a hung gateway ends
+# the run as an error instead of hanging it. The lm-eval backend's default is the same.
+DEFAULT_TIMEOUT_S = 600.0
 # (prompt, adapter=..., **options) -> GenerateResponse (or anything with .text and .adapter).
 GenerateFn = Callable[..., Awaitable[Any]]
 
@@ -46,20 +51,32 @@ def check_finished(response: Any, reference: str) -> None:
         raise EvalError(f"generation with {reference or 'the base model'!r} ended with {failed}")
 
 
+def check_timeout(timeout: float, what: str = "timeout") -> float:
+    """A per-request deadline in seconds; EvalInputError unless it is positive."""
+    if not timeout > 0:  # also refuses NaN
+        raise EvalInputError(f"{what} must be a positive number of seconds, got {timeout!r}")
+    return float(timeout)
+
+
 @asynccontextmanager
 async def gateway_generate(
-    target: str | None, generate: GenerateFn | None = None, timeout: float | None = None
+    target: str | None, generate: GenerateFn | None = None, timeout: float = DEFAULT_TIMEOUT_S
 ) -> AsyncIterator[GenerateFn]:
-    """`generate` if one is injected (tests), else AsyncClient(target).generate, closed after."""
+    """`generate` if one is injected (tests), else AsyncClient(target).generate, closed after.
+
+    Every request to the gateway carries `timeout` as its deadline; one that passes is a
+    DeadlineExceeded naming the request's adapter."""
     if generate is not None:
         yield generate
         return
     if not target:
         raise EvalInputError("no gateway target (host:port) given")
+    timeout = check_timeout(timeout)
     async with AsyncClient(target) as client:
 
         async def call(prompt: str, adapter: str = "", **options: Any) -> pb.GenerateResponse:
-            return await client.generate(prompt, adapter, timeout=timeout, **options)
+            with gateway_deadline(target, f"a generation with {adapter or 'base'!r}", timeout):
+                return await client.generate(prompt, adapter, timeout=timeout, **options)
 
         yield call
 

@@ -1,6 +1,7 @@
 """The promotion gate's policy: which benchmarks and comparisons a candidate must pass (YAML).
 
     include_paths: [tasks]              # lm-eval task folders, relative to this file
+    request_timeout_s: 600              # deadline of every request to the gateway
     benchmarks:
       - task: colors_qa
         metric: exact_match
@@ -29,6 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from evalsuite.errors import EvalInputError
+from evalsuite.fanout import DEFAULT_TIMEOUT_S
 from trainer.config import describe_validation_error
 
 # Greedy and short unless the policy says otherwise: comparisons must be reproducible.
@@ -106,6 +108,10 @@ class GatePolicy(_Section):
     """Documents per task (None: all); for smoke runs, not for decisions."""
     concurrency: int = Field(32, gt=0)
     """Requests in flight to the gateway."""
+    request_timeout_s: float = Field(DEFAULT_TIMEOUT_S, gt=0)
+    """Deadline of each request to the gateway, in seconds (benchmarks, both sides of the
+    comparison, the LLM judge unless its options set `timeout`): a gateway that stops answering
+    ends the gate as an error instead of hanging it."""
     benchmarks: list[BenchmarkCheck] = Field(default_factory=list)
     """Benchmark checks."""
     preference: PreferenceCheck | None = None

@@ -9,12 +9,23 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Mapping
 from typing import Any
 
 from evalsuite.errors import EvalInputError
 from evalsuite.judges.base import LOSS, TIE, WIN, Judge, Judgement
 
-__all__ = ["JUDGES", "LOSS", "TIE", "WIN", "Judge", "Judgement", "judge_class", "make_judge"]
+__all__ = [
+    "JUDGES",
+    "LOSS",
+    "TIE",
+    "WIN",
+    "Judge",
+    "Judgement",
+    "judge_adapter",
+    "judge_class",
+    "make_judge",
+]
 
 JUDGES: dict[str, str] = {
     "exact_match": "evalsuite.judges.reference:ExactMatchJudge",
@@ -41,14 +52,30 @@ def judge_class(name: str) -> type[Judge]:
     return cls
 
 
-def make_judge(name: str, *, gateway: str | None = None, **options: Any) -> Judge:
+def judge_adapter(name: str, options: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(option, reference) of the served model judge `name` would ask through the gateway with
+    these options (the option's default when they leave it out), or None if it asks none."""
+    cls = judge_class(name)
+    option = cls.adapter_option
+    if option is None:
+        return None
+    default = inspect.signature(cls).parameters[option].default
+    reference = options.get(option, "" if default is inspect.Parameter.empty else default)
+    return option, str(reference)
+
+
+def make_judge(
+    name: str, *, gateway: str | None = None, deadline: float | None = None, **options: Any
+) -> Judge:
     """A judge built from its options; a wrong or missing option is an EvalInputError that lists
-    the options the judge takes. `gateway` (host:port) becomes the `target` of judges that ask a
-    served model, unless the options name another one."""
+    the options the judge takes. `gateway` (host:port) and `deadline` (seconds per request)
+    become the `target` and `timeout` of judges that ask a served model, unless the options set
+    their own."""
     cls = judge_class(name)
     signature = inspect.signature(cls)
-    if gateway is not None and "target" in signature.parameters:
-        options.setdefault("target", gateway)
+    for option, value in (("target", gateway), ("timeout", deadline)):
+        if value is not None and option in signature.parameters:
+            options.setdefault(option, value)
     try:
         signature.bind(**options)
     except TypeError as e:

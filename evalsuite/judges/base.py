@@ -31,6 +31,9 @@ class Judge(ABC):
     name: ClassVar[str] = ""
     # True when the judge compares against `Pair.reference` (checked before generating).
     needs_reference: bool = False
+    # The option naming the served model the judge asks through the gateway ("" base, NAME,
+    # NAME@alias, NAME@vN), if it asks one: the gate pins it to NAME@vN before anything runs.
+    adapter_option: ClassVar[str | None] = None
 
     @abstractmethod
     async def judge(self, pairs: Sequence[Pair]) -> list[Judgement]:

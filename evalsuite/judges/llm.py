@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from evalsuite.errors import EvalError, EvalInputError
 from evalsuite.fanout import (
+    DEFAULT_TIMEOUT_S,
     GenerateFn,
     bounded_gather,
     check_finished,
+    check_timeout,
     gateway_generate,
     served_version,
 )
@@ -49,9 +51,11 @@ class LLMJudge(Judge):
     (gateway host:port), template or template_file (str.format, or Jinja2 with
     template_format="jinja"; fields {prompt} {answer_a} {answer_b} and optional {reference}),
     parse ("first", or a regex whose first group, or whole match, is A or B), max_tokens,
-    max_unparseable (share of replies without a verdict above which the judge is an error)."""
+    max_unparseable (share of replies without a verdict above which the judge is an error),
+    timeout (each request's deadline, seconds)."""
 
     name = "llm_judge"
+    adapter_option = "adapter"
 
     def __init__(
         self,
@@ -64,7 +68,7 @@ class LLMJudge(Judge):
         max_tokens: int = 8,
         stop: Sequence[str] = (),
         concurrency: int = 16,
-        timeout: float | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
         progress: bool = True,
         generate: GenerateFn | None = None,
         max_unparseable: float = 0.2,
@@ -92,7 +96,8 @@ class LLMJudge(Judge):
         if max_tokens < 1:
             raise EvalInputError(f"llm_judge: max_tokens must be >= 1, got {max_tokens}")
         self.options = {"temperature": 0.0, "max_tokens": int(max_tokens), "stop": list(stop)}
-        self.concurrency, self.timeout, self.progress = concurrency, timeout, progress
+        self.timeout = check_timeout(timeout, "llm_judge: timeout")
+        self.concurrency, self.progress = concurrency, progress
         self._generate = generate
 
     def render(self, pair: Pair, candidate_first: bool) -> str:

@@ -103,6 +103,9 @@ def test_gate_passes_the_good_adapter_and_blocks_the_bad_one(gateway, adapters, 
     assert scores["colors_qa"]["candidate"] < 0.5 <= scores["colors_qa"]["production"]
     assert bad["preference"]["baseline_version"] == "gate-colors@v1"
     assert bad["preference"]["candidate_version"] == "gate-colors@v2"
+    # pinned at the start: the base while there was no production, then v1
+    assert good["baseline"] == {"requested": "production", "ref": "base", "version": None}
+    assert bad["baseline"] == {"requested": "production", "ref": "gate-colors@v1", "version": 1}
     html = (tmp_path / "bad" / "report.html").read_text()
     assert "colors_qa" in html and "<svg" in html
 
@@ -157,8 +160,8 @@ def test_errors_are_verdict_error_exit_2_and_promote_nothing(gateway, adapters, 
 
         adapter = registry.get("colors-err")
         assert "production" not in adapter.aliases  # nothing was ever promoted
-        # The one run that resolved the version recorded its error as "not passed".
-        assert _verdicts(registry, "colors-err") == {1: [apb.VERDICT_FAIL]}
+        # The one run that resolved the version recorded its error as such.
+        assert _verdicts(registry, "colors-err") == {1: [apb.VERDICT_ERROR]}
 
 
 class MovesProductionJudge(Judge):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -17,12 +18,14 @@ from evalsuite.compare import (
     generate_pairs,
     load_prompts,
 )
-from evalsuite.errors import EvalError, EvalInputError
+from evalsuite.errors import DeadlineExceeded, EvalError, EvalInputError
+from evalsuite.fanout import DEFAULT_TIMEOUT_S
 from evalsuite.human import export_for_rating, load_key, load_votes, score_votes
 from evalsuite.judges import JUDGES, Judge, judge_class, make_judge
 from evalsuite.judges.llm import LLMJudge
 from evalsuite.judges.reward import RewardModelJudge
 from loraplex.v1 import generation_pb2 as pb
+from tests.unit.registry_server import start_registry_server
 
 VERSIONS = {"": ("", 0), "acme@candidate": ("acme", 3), "acme": ("acme", 2), "judge": ("j", 1)}
 
@@ -412,6 +415,49 @@ def test_registry_names_import_lazily_and_errors_list_what_exists():
         make_judge("evalsuite.nowhere:Judge")
     with pytest.raises(EvalInputError, match="not a subclass"):
         make_judge("evalsuite.compare:Pair")
+
+
+# ---------------------------------------------------------------- deadlines
+
+
+@pytest.fixture
+async def slow_gateway(tiny_model, tmp_path):
+    """An in-process gateway (real gRPC, fake engine) whose every generation takes 10 s."""
+    server = await start_registry_server(tiny_model.base, tmp_path / "data")
+    generate = server.engine.generate
+
+    async def slow_generate(request, stream):
+        await asyncio.sleep(10)
+        async for chunk in generate(request, stream):
+            yield chunk
+
+    server.engine.generate = slow_generate
+    yield server
+    await server.stop()
+
+
+async def test_generations_and_judge_requests_through_the_gateway_have_a_deadline(slow_gateway):
+    target, started = slow_gateway.target, time.monotonic()
+    message = r"gateway 127\.0\.0\.1:\d+: a generation with 'base' got no answer within its 0\.2 s"
+    with pytest.raises(DeadlineExceeded, match=message):
+        await generate_pairs(
+            target, "", "", items(2), {"max_tokens": 2}, timeout=0.2, progress=False
+        )
+    judge = make_judge("llm_judge", gateway=target, deadline=0.2, template="{answer_a}|{answer_b}",
+                       progress=False)  # fmt: skip
+    with pytest.raises(DeadlineExceeded, match=message):
+        await judge.judge([pair("1", "x", "y")])
+    assert time.monotonic() - started < 5  # neither waited for the slow engine
+
+
+def test_judges_that_ask_the_gateway_always_have_a_deadline():
+    assert LLMJudge().timeout == DEFAULT_TIMEOUT_S
+    assert make_judge("llm_judge", deadline=5).timeout == 5
+    assert make_judge("llm_judge", deadline=5, timeout=7).timeout == 7  # its own option wins
+    assert make_judge("rouge_l", deadline=5).config() == make_judge("rouge_l").config()
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(EvalInputError, match="llm_judge: timeout must be a positive number"):
+            LLMJudge(timeout=bad)
 
 
 # ---------------------------------------------------------------- human ratings

@@ -1,14 +1,29 @@
-"""The gate's policy parser and decision logic (no gateway: the end-to-end test has one)."""
+"""The gate: its policy parser, pinning, decisions, and run_gate against an in-process gateway
+(real gRPC and registry, fake engine; lm-eval benchmarks on a real engine are in the end-to-end
+test)."""
 
 from __future__ import annotations
 
+import asyncio
+import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import pytest
+from google.protobuf import json_format
 
-from evalsuite.errors import EvalInputError
-from evalsuite.gate import GateResult, benchmark_checks, preference_check, split_reference
-from evalsuite.policy import load_policy, parse_policy
+from evalsuite import gate
+from evalsuite.benchmarks import run_benchmarks
+from evalsuite.decisions import Check, benchmark_checks, decide, policy_checks, preference_check
+from evalsuite.errors import DeadlineExceeded, EvalInputError
+from evalsuite.gate import GateResult, run_gate
+from evalsuite.pinning import GatePins, Pin, Pinner, split_reference
+from evalsuite.policy import GatePolicy, load_policy, parse_policy
+from gateway.client import AdapterClient
+from gateway.process import free_port
+from loraplex.v1 import adapters_pb2 as apb
+from tests.unit.registry_server import RegistryServer, start_registry_server
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "colors" / "gate.yaml"
 
@@ -110,12 +125,38 @@ def test_with_no_production_yet_a_first_version_must_not_regress_from_the_base()
     assert not result.passed and result.detail.startswith("0.1 vs base 0.3: regression 0.2")
 
 
+SUMMARY = {"win_rate": 0.7, "ci_low": 0.48, "ci_high": 0.9, "confidence": 0.95,
+           "sign_test_p": 0.1, "wins": 7, "ties": 0, "losses": 3}  # fmt: skip
+
+
 def test_preference_check_uses_the_intervals_lower_bound():
     policy = parse_policy({"preference": {"prompts": "p.jsonl", "min_win_rate_lower_bound": 0.5}})
-    summary = {"win_rate": 0.7, "ci_low": 0.48, "ci_high": 0.9, "confidence": 0.95,
-               "sign_test_p": 0.1, "wins": 7, "ties": 0, "losses": 3}  # fmt: skip
-    assert not preference_check(policy, summary).passed
-    assert preference_check(policy, {**summary, "ci_low": 0.5}).passed
+    assert not preference_check(policy, SUMMARY).passed
+    assert preference_check(policy, {**SUMMARY, "ci_low": 0.5}).passed
+
+
+def test_policy_checks_in_policy_order_and_only_required_failures_fail_the_gate():
+    policy = parse_policy(
+        {
+            "benchmarks": [
+                {"task": "a", "metric": "acc", "threshold": 0.5},
+                {"task": "b", "metric": "acc", "threshold": 0.5, "required": False},
+            ],
+            "preference": {"prompts": "p.jsonl", "min_win_rate_lower_bound": 0.4},
+        }
+    )
+    scores = {"candidate": {"a/acc,none": 0.6, "b/acc,none": 0.1}}
+    directions = {"a/acc,none": True, "b/acc,none": True}
+    checks = policy_checks(policy, scores, directions, SUMMARY)
+    assert [(c.name, c.passed) for c in checks] == [
+        ("a acc >= 0.5", True),
+        ("b acc >= 0.5", False),
+        ("win rate CI low >= 0.4", True),
+    ]
+    assert decide(checks) == ("pass", [])  # b failed, but it is only a warning
+    verdict, failed = decide(policy_checks(policy, scores, directions, {**SUMMARY, "ci_low": 0.3}))
+    assert verdict == "fail" and [c.kind for c in failed] == ["preference"]
+    assert all(isinstance(c, Check) for c in failed)
 
 
 @pytest.mark.parametrize(
@@ -149,3 +190,283 @@ def test_importing_evalsuite_keeps_lm_evals_own_models():
     import evalsuite  # noqa: F401
 
     assert {"loraplex", "hf", "vllm"} <= set(model_registry)
+
+
+# ---------------------------------------------------------------- pinning
+
+
+class FakeRegistry:
+    """AdapterClient.get over fixed adapters, counting the reads."""
+
+    def __init__(self, *adapters: apb.Adapter) -> None:
+        self.adapters = {a.name: a for a in adapters}
+        self.reads: list[str] = []
+
+    def get(self, name: str) -> apb.Adapter:
+        self.reads.append(name)
+        return self.adapters[name]
+
+
+def adapter(name: str, versions: int, **aliases: int) -> apb.Adapter:
+    live = [apb.AdapterVersion(adapter=name, version=v) for v in range(1, versions + 1)]
+    return apb.Adapter(name=name, aliases=aliases, versions=live)
+
+
+def preference_policy(**preference: object) -> GatePolicy:
+    return parse_policy({"preference": {"prompts": "p.jsonl", **preference}})
+
+
+def test_every_reference_is_pinned_at_the_start_with_one_read_per_adapter():
+    registry = FakeRegistry(
+        adapter("acme", 3, candidate=3, production=2, stable=1), adapter("judge", 2, production=2)
+    )
+    pinner = Pinner(registry)  # type: ignore[arg-type]
+    policy = preference_policy(
+        baseline="acme@stable", judge="llm_judge", judge_options={"adapter": "judge"}
+    )
+    pins = pinner.gate(pinner.candidate("acme@candidate"), policy)
+    assert pins == GatePins(
+        candidate=Pin("acme@candidate", "acme", 3),
+        production=Pin("acme@production", "acme", 2),
+        baseline=Pin("acme@stable", "acme", 1),
+        judge=Pin("judge", "judge", 2),  # a bare name is its production, as the gateway reads it
+    )
+    assert registry.reads == ["acme", "judge"]
+    assert pins.to_report() == {
+        "candidate": {"requested": "acme@candidate", "ref": "acme@v3", "version": 3},
+        "production": {"requested": "acme@production", "ref": "acme@v2", "version": 2},
+        "baseline": {"requested": "acme@stable", "ref": "acme@v1", "version": 1},
+        "judge_adapter": {"requested": "judge", "ref": "judge@v2", "version": 2},
+    }
+
+
+@pytest.mark.parametrize(
+    ("baseline", "has_production", "expected", "ref"),
+    [
+        ("production", True, Pin("production", "acme", 2), "acme@v2"),
+        ("production", False, Pin("production"), ""),  # no production yet: the base
+        ("base", True, Pin("base"), ""),
+        ("other@v1", True, Pin("other@v1", "other", 1), "other@v1"),
+        ("other", True, Pin("other", "other", 1), "other@v1"),
+    ],
+)
+def test_the_baseline_is_pinned_and_the_base_stays_the_base(
+    baseline, has_production, expected, ref
+):
+    aliases = {"candidate": 3, "production": 2} if has_production else {"candidate": 3}
+    registry = FakeRegistry(adapter("acme", 3, **aliases), adapter("other", 1, production=1))
+    pinner = Pinner(registry)  # type: ignore[arg-type]
+    pins = pinner.gate(pinner.candidate("acme@candidate"), preference_policy(baseline=baseline))
+    assert pins.baseline == expected and pins.baseline.ref == ref
+    assert pins.judge is None  # exact_match asks no served model
+
+
+def test_a_judge_on_the_base_stays_there_and_bad_references_are_refused_up_front():
+    registry = FakeRegistry(adapter("acme", 3, candidate=3), adapter("nopro", 1))
+    pinner = Pinner(registry)  # type: ignore[arg-type]
+    candidate = pinner.candidate("acme@candidate")
+    pins = pinner.gate(candidate, preference_policy(judge="llm_judge"))  # adapter="" by default
+    assert pins.judge == Pin("") and pins.judge.to_dict()["ref"] == "base"
+    for baseline, message in [
+        ("acme@v9", "acme has no version 9 (live: [1, 2, 3])"),
+        ("acme@gone", "acme has no alias 'gone'"),
+        ("nopro", "nopro has no alias 'production'"),
+        ("@v1", "adapter reference '@v1' has no adapter name"),
+    ]:
+        with pytest.raises(EvalInputError, match=re.escape(message)):
+            pinner.gate(candidate, preference_policy(baseline=baseline))
+    with pytest.raises(EvalInputError, match="name the version to gate"):
+        pinner.candidate("acme")
+
+
+# ---------------------------------------------------------------- deadlines and run_gate
+
+
+class RpcFailure(grpc.RpcError):
+    """A failed call as grpc raises it (code and details)."""
+
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._code.name.lower()
+
+
+def test_benchmark_requests_carry_the_policys_deadline(monkeypatch):
+    import lm_eval
+    import lm_eval.tasks
+
+    import evalsuite.lm_eval_backend as backend
+
+    made: dict = {}
+
+    class FakeLM:
+        def __init__(self, **options: object) -> None:
+            made.update(options)
+
+    class FakeTasks:
+        def __init__(self, include_path: object = None) -> None:
+            self.all_tasks = ["t"]
+
+    def evaluate(**_: object) -> None:
+        raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED)
+
+    monkeypatch.setattr(backend, "LoraplexLM", FakeLM)
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", FakeTasks)
+    monkeypatch.setattr(lm_eval, "simple_evaluate", evaluate)
+    policy = parse_policy(
+        {"request_timeout_s": 42, "benchmarks": [{"task": "t", "metric": "m", "threshold": 1}]}
+    )
+    message = "gateway gw:1: an lm-eval request to 'acme@v2' got no answer within its 42 s deadline"
+    with pytest.raises(DeadlineExceeded, match=re.escape(message)):
+        run_benchmarks("gw:1", "acme@v2", policy)
+    assert made["timeout"] == 42
+
+
+@pytest.fixture
+async def fake_gateway(tiny_model, tmp_path) -> AsyncIterator[RegistryServer]:
+    """An in-process gateway (fake engine) with acme v1 (production, stable) and v2 (candidate),
+    and judge v1 (production) and v2."""
+    server = await start_registry_server(tiny_model.base, tmp_path / "data")
+
+    def register() -> None:
+        with AdapterClient(server.target, actor="tests") as registry:
+            registry.register("acme", tiny_model.adapters["alpha"])
+            registry.register("acme", tiny_model.adapters["beta"], alias="candidate")
+            registry.set_alias("acme", "production", 1, force=True, reason="tests")
+            registry.set_alias("acme", "stable", 1)
+            registry.register("judge", tiny_model.adapters["gamma"])
+            registry.register("judge", tiny_model.adapters["delta"])
+            registry.set_alias("judge", "production", 1, force=True, reason="tests")
+
+    await asyncio.to_thread(register)
+    yield server
+    await server.stop()
+
+
+def _policy(tmp_path: Path, request_timeout_s: float = 30, **preference: object) -> GatePolicy:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "q{i}", "reference": "x"}}\n' for i in range(4)))
+    section = {"prompts": str(prompts), "sampling": {"temperature": 0.0, "max_tokens": 2},
+               "min_win_rate_lower_bound": 0.0, **preference}  # fmt: skip
+    return parse_policy({"request_timeout_s": request_timeout_s, "preference": section})
+
+
+def _gate_records(target: str, name: str) -> dict[int, list[tuple[int, dict]]]:
+    """Each version's `gate` evaluations: (verdict, report summary)."""
+    with AdapterClient(target) as registry:
+        return {
+            v.version: [
+                (e.verdict, json_format.MessageToDict(e.report))
+                for e in v.evaluations
+                if e.suite == "gate"
+            ]
+            for v in registry.get(name).versions
+        }
+
+
+async def test_aliases_moved_mid_run_change_nothing_that_is_evaluated(
+    fake_gateway, tmp_path, monkeypatch
+):
+    target = fake_gateway.target
+    judge = {"adapter": "judge", "template": "{answer_a}|{answer_b}", "max_tokens": 2,
+             "max_unparseable": 1, "progress": False}  # fmt: skip
+    policy = _policy(tmp_path, baseline="acme@stable", judge="llm_judge", judge_options=judge)
+    build = gate.build_preference
+
+    def build_while_someone_moves_the_aliases(*args: object) -> object:
+        with AdapterClient(target, actor="someone-else") as registry:
+            registry.set_alias("acme", "stable", 2)
+            registry.set_alias("judge", "production", 2, force=True, reason="meanwhile")
+        return build(*args)
+
+    monkeypatch.setattr(gate, "build_preference", build_while_someone_moves_the_aliases)
+    result = await asyncio.to_thread(run_gate, target, "acme@candidate", policy, tmp_path / "out")
+    report = result.report
+    assert result.verdict == "pass", report["error"]
+    assert report["baseline"] == {"requested": "acme@stable", "ref": "acme@v1", "version": 1}
+    assert report["judge_adapter"] == {"requested": "judge", "ref": "judge@v1", "version": 1}
+    comparison = report["preference"]
+    assert (comparison["candidate"], comparison["baseline"]) == ("acme@v2", "acme@v1")
+    assert (comparison["candidate_version"], comparison["baseline_version"]) == (
+        "acme@v2",
+        "acme@v1",
+    )
+    assert comparison["judge_config"]["adapter"] == "judge@v1"
+    served = {(r.adapter.name, r.adapter.version) for r in fake_gateway.engine.seen if r.adapter}
+    assert served == {("acme", 2), ("acme", 1), ("judge", 1)}
+    [(verdict, summary)] = (await asyncio.to_thread(_gate_records, target, "acme"))[2]
+    assert verdict == apb.VERDICT_PASS
+    assert summary["baseline"]["ref"] == "acme@v1" and summary["judge_adapter"]["ref"] == "judge@v1"
+
+
+def _slow(engine: object, seconds: float) -> None:
+    """Every generation of `engine` waits `seconds` before its first token."""
+    generate = engine.generate  # type: ignore[attr-defined]
+
+    async def slow_generate(request: object, stream: bool) -> AsyncIterator[object]:
+        await asyncio.sleep(seconds)
+        async for chunk in generate(request, stream):
+            yield chunk
+
+    engine.generate = slow_generate  # type: ignore[attr-defined]
+
+
+async def test_a_request_past_its_deadline_is_verdict_error_and_recorded_as_such(
+    fake_gateway, tmp_path
+):
+    _slow(fake_gateway.engine, 10.0)
+    policy = _policy(tmp_path, request_timeout_s=0.2)
+    result = await asyncio.to_thread(
+        run_gate, fake_gateway.target, "acme@candidate", policy, tmp_path / "out", promote=True
+    )
+    assert (result.verdict, result.exit_code, result.promoted) == ("error", 2, False)
+    assert "got no answer within its 0.2 s deadline (DEADLINE_EXCEEDED)" in result.report["error"]
+    assert "request_timeout_s" in result.report["error"]
+    records = await asyncio.to_thread(_gate_records, fake_gateway.target, "acme")
+    [(verdict, summary)] = records[2]
+    assert verdict == apb.VERDICT_ERROR and summary["error"] == result.report["error"]
+    assert records[1] == []
+
+
+async def test_without_the_registry_nothing_is_recorded_and_the_exit_code_is_2(
+    fake_gateway, tmp_path, monkeypatch
+):
+    down = await asyncio.to_thread(
+        run_gate, f"127.0.0.1:{free_port()}", "acme@candidate", _policy(tmp_path)
+    )
+    assert (down.verdict, down.exit_code) == ("error", 2) and "UNAVAILABLE" in down.report["error"]
+    assert down.report["candidate"] is None and "recorded" not in down.report
+
+    def registry_gone(*_: object) -> None:
+        raise RpcFailure(grpc.StatusCode.UNAVAILABLE)
+
+    monkeypatch.setattr(gate.AdapterClient, "record_evaluation", registry_gone)
+    for slow in (False, True):  # a pass that cannot be recorded; an error that cannot either
+        if slow:
+            _slow(fake_gateway.engine, 10.0)
+        result = await asyncio.to_thread(
+            run_gate, fake_gateway.target, "acme@candidate",
+            _policy(tmp_path, request_timeout_s=0.2 if slow else 30), promote=True,
+        )  # fmt: skip
+        assert (result.verdict, result.exit_code, result.promoted) == ("error", 2, False)
+        assert result.report["recorded"] is False
+        assert result.report["record_error"] == "gateway registry: UNAVAILABLE: unavailable"
+
+
+async def test_a_report_that_cannot_be_written_is_an_error_recorded_on_the_version(
+    fake_gateway, tmp_path
+):
+    not_a_folder = tmp_path / "report"
+    not_a_folder.write_text("")
+    result = await asyncio.to_thread(
+        run_gate, fake_gateway.target, "acme@candidate", _policy(tmp_path), not_a_folder,
+        promote=True,
+    )  # fmt: skip
+    assert (result.verdict, result.promoted, result.report_paths) == ("error", False, None)
+    [(verdict, summary)] = (await asyncio.to_thread(_gate_records, fake_gateway.target, "acme"))[2]
+    assert verdict == apb.VERDICT_ERROR and summary["report"] is None
+    assert summary["error"].startswith(f"cannot write the report to {not_a_folder}")

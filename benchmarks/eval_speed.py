@@ -8,13 +8,17 @@ reused if present); the tasks shipped in examples/colors/tasks: `colors_mc` (log
 1. `lm_eval.simple_evaluate(model="hf", model_args="pretrained=BASE,peft=ADAPTER,
    dtype=float32,device=cpu", batch_size=32)`, timed from the call to its return (model load
    included), after one untimed eval with limit 1 (the process's one-time costs);
-2. `loraplex serve` (float32, directory mode) is started and warmed up with one request of
-   each kind (both timed, reported apart), then `simple_evaluate(model="loraplex",
-   model_args="target=...,adapter=colors")` is timed the same way.
+2. `loraplex serve` (float32, directory mode; `--cpu-reserved-cores 0`, so vLLM computes on
+   both cores as hf does, where its default keeps one for the frontend) is started and warmed
+   up with one request of each kind (both timed, reported apart), then
+   `simple_evaluate(model="loraplex", model_args="target=...,adapter=colors")` is timed the
+   same way.
 
-Then, on the same gateway, the cost of prompt logprobs with LoRA: `colors_mc` alone with the
-adapter vs with the base model (`adapter=""`), the same requests, alternating; and the same
-texts as direct 1-token requests with and without prompt logprobs (no lm-eval).
+The backend scores a question's one-token choices in one request (`logprob_token_ids`, no
+prompt logprobs). Then, on the same gateway, the cost of prompt logprobs with LoRA: `colors_mc`
+alone scored choice by choice with prompt logprobs (`group_choices=false`), with the adapter vs
+with the base model (`adapter=""`), and grouped with the adapter, alternating; and the same texts
+as direct 1-token requests with and without prompt logprobs (no lm-eval).
 
     .venv/bin/python benchmarks/eval_speed.py --repeats 5     # all three tasks
     .venv/bin/python benchmarks/eval_speed.py --limit 4       # smoke run, about 2 min
@@ -270,7 +274,9 @@ def median_run(runs: list[EvalRun]) -> EvalRun:
 
 
 @contextmanager
-def running_gateway(prepared: Prepared, logs: Path) -> Iterator[tuple[str, float]]:
+def running_gateway(
+    prepared: Prepared, logs: Path, reserved_cores: int | None
+) -> Iterator[tuple[str, float]]:
     """`loraplex serve` (float32, directory mode); yields (target, start-up seconds)."""
     from gateway.client import wait_until_serving
     from gateway.process import free_port, kill, start_gateway, stop
@@ -283,6 +289,8 @@ def running_gateway(prepared: Prepared, logs: Path) -> Iterator[tuple[str, float
         "--port", str(port),
         "--metrics-port", str(free_port()),
     ]  # fmt: skip
+    if reserved_cores is not None:
+        args += ["--cpu-reserved-cores", str(reserved_cores)]
     # LORAPLEX_* variables would add settings the report does not show.
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
     log = logs / "gateway.log"
@@ -468,10 +476,15 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
     console.print(table)
     cost = report.get("prompt_logprobs_lora")
     if cost:
-        table = Table(title=f"prompt logprobs with LoRA: {LOGPROB_TASK} through the gateway")
+        table = Table(title=f"{LOGPROB_TASK} through the gateway, per choice and grouped")
         for column in ("adapter", "loglikelihood s (repeats)", "median", "eval wall median", "acc"):
             table.add_column(column)
-        for label, side in (("colors", cost["adapter"]), ("base", cost["base"])):
+        sides = (
+            ("colors, per choice", cost["adapter"]),
+            ("base, per choice", cost["base"]),
+            ("colors, grouped", cost["adapter_grouped"]),
+        )
+        for label, side in sides:
             table.add_row(
                 label,
                 seconds(side["loglikelihood_s"]),
@@ -481,8 +494,9 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
             )
         console.print(table)
         console.print(
-            f"adapter ÷ base: loglikelihood time {cost['ratio_loglikelihood']}, "
-            f"eval wall time {cost['ratio_wall']} ({cost['requests']} requests each)"
+            f"per choice, adapter ÷ base: loglikelihood time {cost['ratio_loglikelihood']}, "
+            f"eval wall time {cost['ratio_wall']} ({cost['requests']} requests each); "
+            f"grouped ÷ per choice (adapter): {cost['ratio_grouped_vs_per_choice']}"
         )
         direct = cost["direct"]
         table = Table(title=f"the same {direct['requests']} texts as direct 1-token requests")
@@ -525,6 +539,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=32, help="loraplex backend requests")
     p.add_argument("--skip-logprob-cost", action="store_true")
     p.add_argument(
+        "--cpu-reserved-cores",
+        type=int,
+        default=0,
+        help="the gateway's cores without compute threads (default 0: the engine computes on "
+        "every core, as hf does; -1: vLLM's default, one core kept for the frontend)",
+    )
+    p.add_argument(
         "--base",
         type=Path,
         default=None,
@@ -566,8 +587,15 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     gateway_runs: list[EvalRun] = []
-    logprob_runs: dict[str, list[EvalRun]] = {"adapter": [], "base": []}
-    with running_gateway(prepared, logs) as (target, startup_s):
+    # per-choice prompt logprobs with the adapter and the base; grouped choices with the adapter
+    logprob_sides = {
+        "adapter": (ADAPTER, False),
+        "base": ("", False),
+        "adapter_grouped": (ADAPTER, True),
+    }
+    logprob_runs: dict[str, list[EvalRun]] = {side: [] for side in logprob_sides}
+    reserved = None if args.cpu_reserved_cores < 0 else args.cpu_reserved_cores
+    with running_gateway(prepared, logs, reserved) as (target, startup_s):
         console.print(f"gateway SERVING at {target} after {startup_s:.1f}s")
         warmup = warm_up(target)
         console.print(f"warm-up requests (s): {warmup}")
@@ -579,9 +607,12 @@ def main(argv: list[str] | None = None) -> int:
             )
         if not args.skip_logprob_cost:
             for i in range(args.logprob_repeats):
-                for side, adapter in (("adapter", ADAPTER), ("base", "")):
-                    console.print(f"prompt logprobs ({side}): {i + 1}/{args.logprob_repeats}")
-                    model_args = f"target={target},adapter={adapter},concurrency={args.concurrency}"
+                for side, (adapter, grouped) in logprob_sides.items():
+                    console.print(f"{LOGPROB_TASK} ({side}): {i + 1}/{args.logprob_repeats}")
+                    model_args = (
+                        f"target={target},adapter={adapter},concurrency={args.concurrency},"
+                        f"group_choices={grouped}"
+                    )
                     logprob_runs[side].append(
                         evaluate(
                             "loraplex", model_args, LoraplexLM, [LOGPROB_TASK], manager, args.limit
@@ -603,6 +634,7 @@ def main(argv: list[str] | None = None) -> int:
             "hf_model_args": hf_args,
             "hf_batch_size": args.hf_batch_size,
             "gateway": "loraplex serve --dtype float32 --adapters-dir (directory mode)",
+            "gateway_cpu_reserved_cores": "vLLM's default" if reserved is None else reserved,
             "adapter": ADAPTER,
             "concurrency": args.concurrency,
             "bootstrap_iters": BOOTSTRAP_ITERS,
@@ -653,6 +685,10 @@ def main(argv: list[str] | None = None) -> int:
                 sides["adapter"]["median_loglikelihood_s"], sides["base"]["median_loglikelihood_s"]
             ),
             "ratio_wall": ratio(sides["adapter"]["median_wall_s"], sides["base"]["median_wall_s"]),
+            "ratio_grouped_vs_per_choice": ratio(
+                sides["adapter_grouped"]["median_loglikelihood_s"],
+                sides["adapter"]["median_loglikelihood_s"],
+            ),
             "direct": direct,
         }
     print_report(console, report)

@@ -181,6 +181,28 @@ def _token_logprobs(
     return result
 
 
+def _yield_between_steps(engine_core) -> None:  # noqa: ANN001
+    """Let the event loop run between two engine steps' outputs.
+
+    vLLM's output handler takes each step's outputs from an asyncio.Queue, and `get()` on a
+    non-empty queue does not suspend. When steps come faster than the gateway handles them, the
+    handler drains the queue without ever yielding, and no stream sends anything until
+    generation ends (measured: 48 streams x 480 tokens on the tiny model, the 240th delta of
+    each arrived after 4.5 s, all at the end). One `sleep(0)` per step lets the streams send
+    what each step produced.
+    """
+    import asyncio
+
+    receive = engine_core.get_output_async
+
+    async def get_output_async():
+        outputs = await receive()
+        await asyncio.sleep(0)
+        return outputs
+
+    engine_core.get_output_async = get_output_async
+
+
 _FINISH = {
     "length": FinishReason.LENGTH,
     "abort": FinishReason.CANCELLED,
@@ -229,6 +251,7 @@ class VllmEngine:
         if not self._prompt_logprobs_safe:
             log.warning("vLLM LoRA fixes not active here: prompt_logprobs requests are refused")
         self._loaded_adapters: set[int] = set()
+        _yield_between_steps(llm.engine_core)
         self.info = EngineInfo(
             base_model=config.model,
             quantization=config.quantization or "none",

@@ -703,12 +703,17 @@ async def test_engine_death_fails_requests_unavailable_and_exits_1(secure):
             )
             for i in range(48)
         ]
-        first = await calls[0].read()  # the engine is generating
+        # Kill once the engine reports running requests (vLLM's own gauge, read over HTTP in
+        # another thread): not on a stream's first delta, which a busy gateway may send late.
+        deadline = time.monotonic() + 60
+        while await asyncio.to_thread(_metric_sum, secure, "vllm:num_requests_running") < 1:
+            assert time.monotonic() < deadline, "the engine never started the streams"
+            await asyncio.sleep(0.05)
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
 
         async def outcome(call) -> str:
-            tokens = len(first.token_ids) if call is calls[0] else 0
+            tokens = 0
             try:
                 while (delta := await call.read()) != grpc.aio.EOF:
                     tokens += len(delta.token_ids)

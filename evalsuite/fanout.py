@@ -18,7 +18,7 @@ from loraplex.v1 import generation_pb2 as pb
 T = TypeVar("T")
 # Per-request deadline of generations through the gateway (seconds), unless the caller sets one:
 # long enough for a slow CPU engine with a full queue, short enough that a hung gateway ends
-# the run as an error instead of hanging it. The lm-eval backend's default is the same.
+# the run as an error instead of hanging it. The lm-eval backend uses it too.
 DEFAULT_TIMEOUT_S = 600.0
 # (prompt, adapter=..., **options) -> GenerateResponse (or anything with .text and .adapter).
 GenerateFn = Callable[..., Awaitable[Any]]

@@ -29,8 +29,9 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from evalsuite.errors import EvalError, EvalInputError
-from evalsuite.fanout import check_finished, served_version
+from evalsuite.fanout import DEFAULT_TIMEOUT_S, check_finished, served_version
 from gateway.client import _SAMPLING, AsyncClient, Client
+from gateway.pipeline import MAX_LOGPROB_TOKEN_IDS as MAX_SCORED_TOKENS
 from loraplex.v1 import generation_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -39,16 +40,6 @@ Scored = tuple[float, bool]
 LoglikelihoodRequest = tuple[tuple[str, str], list[int], list[int]]
 # lm-eval generation kwargs that are not sampling parameters, or that mean greedy here.
 _HANDLED_GEN_KWARGS = {"until", "max_gen_toks", "do_sample"}
-MAX_SCORED_TOKENS = 128  # logprob_token_ids per request (the gateway's and vLLM's limit)
-
-
-def _as_bool(value: bool | str) -> bool:
-    """model_args arrive as strings ("group_choices=false")."""
-    if isinstance(value, str):
-        if value.lower() not in {"true", "false", "1", "0"}:
-            raise EvalInputError(f"expected true or false, got {value!r}")
-        return value.lower() in {"true", "1"}
-    return bool(value)
 
 
 @register_model("loraplex")
@@ -62,7 +53,7 @@ class LoraplexLM(TemplateLM):
         concurrency: int = 32,
         max_gen_toks: int = 256,
         max_length: int | None = None,
-        timeout: float = 600.0,
+        timeout: float = DEFAULT_TIMEOUT_S,
         add_bos_token: bool | None = None,
         group_choices: bool = True,
         **unused: Any,
@@ -78,7 +69,9 @@ class LoraplexLM(TemplateLM):
         self.target, self.adapter = target, str(adapter)
         self.concurrency, self.timeout = int(concurrency), float(timeout)
         self.max_gen_toks, self.add_bos_token = int(max_gen_toks), add_bos_token
-        self.group_choices = _as_bool(group_choices)
+        if group_choices not in (True, False):  # lm-eval's model_args parser makes bools
+            raise EvalInputError(f"group_choices must be true or false, got {group_choices!r}")
+        self.group_choices = bool(group_choices)
         with Client(target) as client:
             info = client.stub.GetModelInfo(
                 pb.GetModelInfoRequest(), timeout=timeout, metadata=client.metadata

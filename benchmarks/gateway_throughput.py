@@ -38,6 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gateway.config import GatewayConfig
+from gateway.engine import engine_environment
 from gateway.process import free_port, spawn, stop
 from trainer.tiny import CORPUS, TinyModel, build_tiny_model
 
@@ -528,7 +529,7 @@ def build_report(
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "python": sys.version},
         "engine": config.model_dump(mode="json"),
-        "env": {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE")},
+        "env": engine_environment(config),
         "workload": asdict(workload),
         "systems": systems,
         "ratios": ratios,
@@ -615,6 +616,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--executor-backend", choices=["mp", "uni"], default=None, help="default: vLLM's (mp)"
     )
     p.add_argument(
+        "--engine-spin-wait",
+        choices=["on", "off"],
+        default=None,
+        help="engine processes spin between steps (default: the gateway's: off on CPU)",
+    )
+    p.add_argument(
         "--systems",
         default=",".join(key for key, _, _ in SYSTEMS),
         help="comma-separated subset of: " + ", ".join(key for key, _, _ in SYSTEMS),
@@ -636,8 +643,6 @@ def main(argv: list[str] | None = None) -> int:
     """Build the model, run the chosen systems one after another, print and save the report."""
     args = parse_args(argv)
     console = Console() if sys.stdout.isatty() else Console(width=140)
-    # vLLM's CPU backend needs this before any engine starts; subprocesses inherit it.
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{args.kv_cache_gib:g}"
     model = build_tiny_model(args.workdir / "tiny", adapters=args.adapters)
     logs = args.workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -653,7 +658,11 @@ def main(argv: list[str] | None = None) -> int:
         max_num_seqs=args.max_num_seqs,
         kv_cache_space_gib=args.kv_cache_gib,
         executor_backend=args.executor_backend,
+        engine_spin_wait=None if args.engine_spin_wait is None else args.engine_spin_wait == "on",
     )
+    # What the gateway sets up for its engine, set for all: the engine processes of the
+    # in-process AsyncLLM and of vllm serve (which loads loraplex's plugin too) inherit it.
+    os.environ.update(engine_environment(config))
     workload = Workload(
         requests=args.requests,
         concurrency=args.concurrency,

@@ -63,6 +63,9 @@ def serve(
     cpu_reserved_cores: Annotated[
         int | None, typer.Option(help="CPU cores kept free of compute threads (0: none).")
     ] = None,
+    engine_spin_wait: Annotated[
+        bool | None, typer.Option(help="Engine processes busy-wait between steps.")
+    ] = None,
     enforce_eager: Annotated[bool | None, typer.Option(help="Skip compilation.")] = None,
     grace_period_s: Annotated[float | None, typer.Option(help="Drain time on SIGTERM.")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,

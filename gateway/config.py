@@ -68,6 +68,10 @@ class GatewayConfig(BaseModel):
     """CPU engine only: cores kept free of the model's compute threads, for the gRPC server and
     vLLM's scheduler (VLLM_CPU_NUM_OF_RESERVED_CPU); default: vLLM's (1). 0 computes on every
     core: faster prefill-heavy work (evaluations) on small machines, slower request handling."""
+    engine_spin_wait: bool | None = None
+    """Let vLLM's engine processes spin (a busy loop) while waiting for each other between
+    steps, instead of blocking. Default: off on CPU, where the spinning takes the cores the
+    gateway and its streams need; vLLM's behaviour (on) on GPU, where cores are to spare."""
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     """GPU engine only: fraction of GPU memory vLLM may use."""
     executor_backend: Literal["mp", "uni"] | None = None

@@ -39,15 +39,25 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _prepare_platform(config: GatewayConfig) -> None:
-    """CPU: vLLM sizes its KV cache from NUMA node 0 only, so the size must be given; and it
-    binds its compute threads to all cores but the reserved ones."""
+def engine_environment(config: GatewayConfig) -> dict[str, str]:
+    """Environment variables vLLM's engine processes must start with (they inherit them).
+
+    CPU: vLLM sizes its KV cache from NUMA node 0 only, so the size must be given; it binds
+    its compute threads to all cores but the reserved ones; and its processes block rather
+    than spin between steps unless asked (`engine_spin_wait`, applied by engine_patches.py).
+    """
     from vllm.platforms import current_platform
 
-    if current_platform.is_cpu():
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{config.kv_cache_space_gib:g}"
+    from gateway.engine_patches import SPIN_WAIT_ENV
+
+    cpu = current_platform.is_cpu()
+    spin = config.engine_spin_wait if config.engine_spin_wait is not None else not cpu
+    env = {SPIN_WAIT_ENV: "1" if spin else "0"}
+    if cpu:
+        env["VLLM_CPU_KVCACHE_SPACE"] = f"{config.kv_cache_space_gib:g}"
         if config.cpu_reserved_cores is not None:
-            os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(config.cpu_reserved_cores)
+            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(config.cpu_reserved_cores)
+    return env
 
 
 def _lora_fixes_active() -> bool:
@@ -187,10 +197,9 @@ def _yield_between_steps(engine_core) -> None:  # noqa: ANN001
     vLLM's output handler takes each step's outputs from an asyncio.Queue, and `get()` on a
     non-empty queue does not suspend. When steps come faster than the gateway handles them, the
     handler drains the queue without ever yielding, and no stream sends anything until
-    generation ends (measured: 48 streams x 480 tokens on the tiny model, the 240th delta of
-    each arrived after 4.5 s, all at the end). One `sleep(0)` per step lets the streams send
-    what each step produced (there: 2.1 s of 4.7 s). It is not enough when the gateway process
-    itself is CPU-bound: deltas can still bunch up then (open, issue 2).
+    generation ends. One `sleep(0)` per step lets the streams send what each step produced.
+    (The other cause of late deltas, on CPU hosts, was vLLM's spinning engine processes taking
+    the gateway's CPU: engine_patches.py, fix 3.)
     """
     import asyncio
 
@@ -274,7 +283,7 @@ class VllmEngine:
         """Start the engine core process and load the base model (tens of seconds)."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        _prepare_platform(config)
+        os.environ.update(engine_environment(config))
         loggers = [_queue_logger_factory(queue_sink)] if queue_sink is not None else None
         llm = AsyncLLM.from_engine_args(_engine_args(config, enable_lora), stat_loggers=loggers)
         return cls(llm, config, enable_lora)

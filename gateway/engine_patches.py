@@ -23,6 +23,18 @@ Bugs fixed here (vLLM 0.32, the PyTorch-native punica path used on CPU):
    dies; reproduced here as soon as a prompt-logprob request joins a batch where anything else
    runs. The fix maps those rows to their own tokens' adapter indices (`token_lora_indices` at
    the slice's offset), which is exact, including for adapters with an lm_head LoRA.
+
+3. Streams stall on CPU hosts (`SpinCondition.wait`, vllm/distributed/device_communicators/
+   shm_broadcast.py): the engine core and its worker pass every step through shared-memory
+   queues, and a reader that read in the last second spins (sched_yield in a loop) until the
+   next message. The engine core spins through every model step, the worker between steps.
+   On a CPU host those spins take the cores the gateway and its clients need: on 2 cores
+   (48 streams x 480 tokens, tiny model) a process that wakes every 5 ms waited up to 4 s to
+   run, and the streams got most of their deltas in one burst at the end of generation.
+   With `LORAPLEX_ENGINE_SPIN_WAIT=0` (the gateway's default on CPU) a reader blocks on the
+   queue's ZMQ notification instead, which vLLM itself does after a second of idleness. The
+   wait is capped at 1 ms while busy, as vLLM's notifying PUB socket may drop a notification
+   (high-water mark 1); in idleness vLLM's own timeout applies.
 """
 
 from __future__ import annotations
@@ -36,6 +48,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 PLUGIN_NAME = "loraplex_lora_fixes"  # the entry point name in pyproject.toml
+SPIN_WAIT_ENV = "LORAPLEX_ENGINE_SPIN_WAIT"  # config engine_spin_wait's variable; "0": fix 3
+BUSY_POLL_MS = 1  # fix 3: longest a busy reader blocks without a notification
 
 
 Rows = slice | Any  # a slice (contiguous rows: views, no copies) or a tensor of row numbers
@@ -239,6 +253,19 @@ def _patch(owner: Any, name: str, make: Callable[[Any], Any]) -> None:
         setattr(owner, name, make(original))
 
 
+def _blocking_wait(self, timeout_ms: int | None = None) -> None:  # noqa: ANN001
+    """`SpinCondition.wait` without the spin: block until notified (fix 3)."""
+    import time
+
+    import zmq
+
+    if time.monotonic() <= self.last_read + self.busy_loop_s:  # busy: the next read is near
+        timeout_ms = BUSY_POLL_MS if timeout_ms is None else min(timeout_ms, BUSY_POLL_MS)
+    events = dict(self.poller.poll(timeout=timeout_ms))
+    if self.local_notify_socket in events:  # CONFLATE keeps one: consume it
+        self.local_notify_socket.recv(flags=zmq.NOBLOCK, copy=False)
+
+
 def register() -> None:
     """vLLM plugin entry point; safe to call more than once per process.
 
@@ -269,6 +296,14 @@ def register() -> None:
         punica_cpu.PunicaWrapperCPU.add_lora_logits = _add_lora_logits
     except (ImportError, AttributeError) as exc:
         log.error("loraplex: cannot fix vLLM's prompt logprobs with LoRA: %s", exc)
+    if os.environ.get(SPIN_WAIT_ENV) == "0":
+        try:
+            from vllm.distributed.device_communicators import shm_broadcast
+
+            _blocking_wait.__loraplex_patched__ = True  # type: ignore[attr-defined]
+            shm_broadcast.SpinCondition.wait = _blocking_wait
+        except (ImportError, AttributeError) as exc:
+            log.error("loraplex: cannot stop vLLM's engine processes spinning: %s", exc)
 
 
 def plugin_enabled() -> bool:

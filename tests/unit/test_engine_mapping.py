@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from gateway.domain import FinishReason
@@ -62,15 +60,14 @@ def test_flat_logprobs_keep_the_actual_tokens_rank_when_it_is_also_scored():
     assert [(t.token_id, t.rank) for t in second.top] == [(5, 1)]  # top-1 only
 
 
-def test_cpu_reserved_cores_reach_vllm(monkeypatch):
+def test_engine_environment_on_cpu():
     from gateway.config import GatewayConfig
-    from gateway.engine import _prepare_platform
+    from gateway.engine import engine_environment
+    from gateway.engine_patches import SPIN_WAIT_ENV
 
-    # setenv first, so both variables are put back (or removed) after the test
-    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "")
-    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU")
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "")
-    _prepare_platform(GatewayConfig(model="m"))
-    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ  # vLLM's default
-    _prepare_platform(GatewayConfig(model="m", cpu_reserved_cores=0))
-    assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    default = engine_environment(GatewayConfig(model="m", kv_cache_space_gib=2))
+    assert default == {"VLLM_CPU_KVCACHE_SPACE": "2", SPIN_WAIT_ENV: "0"}  # vLLM's cores
+    tuned = engine_environment(
+        GatewayConfig(model="m", cpu_reserved_cores=0, engine_spin_wait=True)
+    )
+    assert tuned["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0" and tuned[SPIN_WAIT_ENV] == "1"

@@ -5,6 +5,8 @@ prompt-logit rows use their own request's adapter."""
 from __future__ import annotations
 
 import importlib
+import threading
+import time
 
 import pytest
 import torch
@@ -155,3 +157,59 @@ def test_a_lone_request_with_many_rows_uses_its_one_index():
     assert torch.equal(output, torch.ones(5, 8))
     bgmv_expand(inputs, weights, output, torch.tensor([1]), add_inputs=True)
     assert torch.allclose(output, 1 + inputs @ weights[1, 0].T)
+
+
+def _reader_cpu_while_waiting(wait) -> tuple[list[int], float]:
+    """Three messages 0.2 s apart through vLLM's real shared-memory queue; returns what the
+    reader got and the CPU time its thread used meanwhile, with `wait` as SpinCondition.wait."""
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    original = shm_broadcast.SpinCondition.wait
+    shm_broadcast.SpinCondition.wait = wait
+    try:
+        writer = shm_broadcast.MessageQueue(1, 1)
+        reader = shm_broadcast.MessageQueue.create_from_handle(writer.export_handle(), 0)
+        ready = threading.Thread(target=writer.wait_until_ready)
+        ready.start()
+        reader.wait_until_ready()
+        ready.join()
+        received, cpu = [], []
+
+        def read() -> None:
+            start = time.thread_time()
+            received.extend(reader.dequeue() for _ in range(3))
+            cpu.append(time.thread_time() - start)
+
+        thread = threading.Thread(target=read)
+        thread.start()
+        for message in range(3):
+            time.sleep(0.2)
+            writer.enqueue(message)
+        thread.join(10)
+        return received, cpu[0]
+    finally:
+        shm_broadcast.SpinCondition.wait = original
+
+
+def test_engine_processes_block_between_steps_instead_of_spinning():
+    """Fix 3: a busy reader of vLLM's queue waits on the notification, not in a spin loop."""
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    received, cpu = _reader_cpu_while_waiting(engine_patches._blocking_wait)
+    assert received == [0, 1, 2]
+    assert cpu < 0.1, cpu  # measured: a few ms
+    received, cpu = _reader_cpu_while_waiting(shm_broadcast.SpinCondition.wait)
+    assert received == [0, 1, 2]
+    assert cpu > 0.2, cpu  # vLLM's spin, the reason for the fix: most of the 0.6 s
+
+
+def test_spin_wait_setting_selects_the_wait(monkeypatch):
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    monkeypatch.setattr(shm_broadcast.SpinCondition, "wait", shm_broadcast.SpinCondition.wait)
+    monkeypatch.setenv(engine_patches.SPIN_WAIT_ENV, "1")
+    register()
+    assert shm_broadcast.SpinCondition.wait is not engine_patches._blocking_wait
+    monkeypatch.setenv(engine_patches.SPIN_WAIT_ENV, "0")
+    register()
+    assert shm_broadcast.SpinCondition.wait is engine_patches._blocking_wait

@@ -3,7 +3,8 @@
 The gRPC server listens first (health NOT_SERVING) so probes get an answer while the engine
 loads; health turns SERVING once the engine is up. SIGTERM/SIGINT drain: health goes
 NOT_SERVING, new calls are refused, in-flight calls get `grace_period_s` to finish, exit 0.
-If the engine dies, health goes NOT_SERVING and the process exits 1 so a supervisor restarts it.
+If the engine dies, health goes NOT_SERVING, new calls get UNAVAILABLE for a moment, and the
+process exits 1 so a supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["GenerationServi
 ADAPTER_SERVICE = adapters_pb2.DESCRIPTOR.services_by_name["AdapterService"].full_name
 KEY_SERVICE = keys_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
 WATCHDOG_INTERVAL_S = 1.0
+ENGINE_DEATH_UNAVAILABLE_S = 2.0  # answering UNAVAILABLE before the exit once the engine died
 MAX_SEND_MESSAGE_BYTES = 64 * 1024 * 1024  # a long completion with top-20 logprobs is large
 
 
@@ -219,6 +221,9 @@ class Gateway:
                 log.error("the engine died; health NOT_SERVING, exiting 1 for a restart")
                 await self._set_health(False)
                 self._exit_code = 1
+                # New calls get UNAVAILABLE (retryable) from the servicer meanwhile; once the
+                # server stops, gRPC would cancel calls that raced in (CANCELLED, measured).
+                await asyncio.sleep(ENGINE_DEATH_UNAVAILABLE_S)
                 self._stop.set()
                 return
             await asyncio.sleep(WATCHDOG_INTERVAL_S)

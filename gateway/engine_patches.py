@@ -3,7 +3,7 @@
 vLLM loads `vllm.general_plugins` entry points in every process it starts (engine core,
 workers), so the fix is in place wherever the LoRA kernels run. Registered in pyproject.toml.
 
-Bugs fixed here (vLLM 0.32, the PyTorch-native punica path used on CPU):
+Bugs fixed here (vLLM 0.32; 1 and 2 in the PyTorch-native punica path used on CPU):
 
 1. Base requests computed with an adapter (`vllm/lora/ops/torch_ops`): a token without an
    adapter has LoRA index -1, and the ops gather `weights[indices]`, so -1 wraps around to the

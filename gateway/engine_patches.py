@@ -42,8 +42,11 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any
+
+import zmq  # vLLM's own dependency: its engine processes talk over ZMQ
 
 log = logging.getLogger(__name__)
 
@@ -255,10 +258,6 @@ def _patch(owner: Any, name: str, make: Callable[[Any], Any]) -> None:
 
 def _blocking_wait(self, timeout_ms: int | None = None) -> None:  # noqa: ANN001
     """`SpinCondition.wait` without the spin: block until notified (fix 3)."""
-    import time
-
-    import zmq
-
     if time.monotonic() <= self.last_read + self.busy_loop_s:  # busy: the next read is near
         timeout_ms = BUSY_POLL_MS if timeout_ms is None else min(timeout_ms, BUSY_POLL_MS)
     events = dict(self.poller.poll(timeout=timeout_ms))

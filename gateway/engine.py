@@ -60,6 +60,19 @@ def engine_environment(config: GatewayConfig) -> dict[str, str]:
     return env
 
 
+def cache_vllm_environment() -> None:
+    """Read vLLM's VLLM_* settings once from now on, not from os.environ on every access.
+
+    vLLM reads some per generated token when its statistics are on (e.g. NaN checks in its
+    iteration stats), each a pair of `os.getenv` calls. Its engine processes cache them after
+    start-up (`vllm.envs.enable_envs_cache`); its API server does not. Call once the engine is
+    up, in a process that starts no other engine with different settings.
+    """
+    from vllm import envs
+
+    envs.enable_envs_cache()
+
+
 def _lora_fixes_active() -> bool:
     """True where gateway/engine_patches.py fixes vLLM's LoRA bugs: CPU, plugin enabled."""
     from vllm.platforms import current_platform

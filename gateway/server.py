@@ -199,11 +199,12 @@ class Gateway:
             await self.health.set(service, status)
 
     async def _start_engine(self, resolver: AdapterResolver) -> Engine:
-        from gateway.engine import VllmEngine  # the only vLLM import
+        from gateway.engine import VllmEngine, cache_vllm_environment  # the vLLM import
 
         metrics = self.metrics
         sink = metrics.record_queue if metrics is not None else None
         engine = await asyncio.to_thread(VllmEngine.start, self.config, True, sink)
+        cache_vllm_environment()  # this process starts no other engine
         if metrics is not None:  # the first call installs the counters: before any load
             metrics.record_adapter_stats(await engine.adapter_stats(), [])
             info = engine.info

@@ -71,3 +71,19 @@ def test_engine_environment_on_cpu():
         GatewayConfig(model="m", cpu_reserved_cores=0, engine_spin_wait=True)
     )
     assert tuned["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0" and tuned[SPIN_WAIT_ENV] == "1"
+
+
+def test_vllm_settings_are_read_once_after_the_engine_starts(monkeypatch):
+    """vLLM's settings cache: a later change to os.environ no longer reaches vLLM's hot paths."""
+    from vllm import envs
+
+    from gateway.engine import cache_vllm_environment
+
+    monkeypatch.setenv("VLLM_COMPUTE_NANS_IN_LOGITS", "0")
+    try:
+        cache_vllm_environment()
+        monkeypatch.setenv("VLLM_COMPUTE_NANS_IN_LOGITS", "1")
+        assert envs.VLLM_COMPUTE_NANS_IN_LOGITS is False  # cached, not read again
+    finally:
+        envs.disable_envs_cache()  # the rest of this test process reads os.environ again
+    assert envs.VLLM_COMPUTE_NANS_IN_LOGITS is True

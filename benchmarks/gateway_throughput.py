@@ -31,7 +31,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import (
     AbstractAsyncContextManager,
     AbstractContextManager,
@@ -330,6 +330,7 @@ async def gateway_system(
                         else None,
                     )
 
+            stream.target = target  # type: ignore[attr-defined]  # for other clients of it
             yield stream
     finally:
         stop(proc, STOP_TIMEOUT_S)
@@ -513,11 +514,13 @@ async def bench_interleaved(
     workload: Workload,
     logs: Path,
     around_run: RunHook | None = None,
+    after_rounds: Callable[[dict[str, StreamFn]], Awaitable[None]] | None = None,
 ) -> tuple[dict[str, SystemRun], list[dict[str, float]]]:
     """Start every system, warm each, then take turns: round r times each once, in rotated order.
 
     Runs seconds apart see the same machine; sequential runs minutes apart do not (this
     machine's speed drifts by 5-10% over minutes). Returns the runs and each round's tok/s.
+    `after_rounds` gets the systems' stream functions while they are still up.
     """
     runs = {key: SystemRun() for key, _, _ in systems}
     streams: dict[str, StreamFn] = {}
@@ -547,6 +550,8 @@ async def bench_interleaved(
                 rates[key] = sum(len(r.token_ids) for r in results) / wall
                 measured[key].append((rates[key], results, wall))
             rounds.append(rates)
+        if after_rounds is not None:
+            await after_rounds(streams)
     for key in keys:
         _median_repeat(runs[key], measured[key])
     return runs, rounds

@@ -50,7 +50,10 @@ def serve(
     registry_url: Annotated[
         str | None, typer.Option(help="Registry database URL (default SQLite in data-dir).")
     ] = None,
-    quantization: Annotated[str | None, typer.Option(help="e.g. fp8_per_channel, awq.")] = None,
+    quantization: Annotated[
+        str | None,
+        typer.Option(help="vLLM quantization method; unset: what the checkpoint declares."),
+    ] = None,
     dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16, float16.")] = None,
     host: Annotated[str | None, typer.Option(help="Listen address.")] = None,
     port: Annotated[int | None, typer.Option(help="gRPC port.")] = None,
@@ -82,7 +85,12 @@ def serve(
     _setup_logging(settings.log_level)
     from gateway.server import serve as run_server
 
-    raise typer.Exit(run_server(settings))
+    try:
+        code = run_server(settings)
+    except ConfigError as exc:  # settings that only the engine's platform can judge
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    raise typer.Exit(code)
 
 
 @app.command("tiny-model")
@@ -101,15 +109,39 @@ def tiny_model(
 
 
 @app.command()
+def quantize(
+    model: Annotated[Path, typer.Argument(help="Unquantized base model folder (HF format).")],
+    out: Annotated[Path, typer.Option(help="Folder for the quantized copy (must not exist).")],
+    scheme: Annotated[
+        str, typer.Option(help="w8a8: int8 weights, dynamic int8 activations; w4a16: 4-bit.")
+    ] = "w8a8",
+) -> None:
+    """Write a compressed-tensors copy of a base (data-free) that vLLM serves fast with LoRA."""
+    from trainer.quantize import QuantizeError, quantize_base
+
+    try:
+        quantize_base(model, out, scheme, echo=typer.echo)  # type: ignore[arg-type]
+    except QuantizeError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
 def demo(
     workdir: Annotated[
         Path, typer.Option(help="Where the tiny model, training runs, registry and reports go.")
     ] = Path("build/demo"),
+    serve_base: Annotated[
+        str, typer.Option(help="The served base: w8a8 or w4a16 (loraplex quantize), or bf16.")
+    ] = "w8a8",
 ) -> None:
     """The lifecycle on a tiny base: train a good and a bad adapter, gate both, serve the winner."""
     from gateway.demo import run_demo
 
-    raise typer.Exit(run_demo(workdir))
+    if serve_base not in ("w8a8", "w4a16", "bf16"):
+        typer.echo(f"error: --serve-base must be w8a8, w4a16 or bf16, not {serve_base!r}", err=True)
+        raise typer.Exit(2)
+    raise typer.Exit(run_demo(workdir, serve_base))
 
 
 @app.command()

@@ -46,7 +46,9 @@ class GatewayConfig(BaseModel):
     """Other names of the served base that adapters may declare as base_model_name_or_path
     (e.g. its hub id when the model is served from a local folder)."""
     quantization: str | None = None
-    """Quantization of the base: `fp8_per_channel` (online, CPU), or awq/gptq/fp8/... on GPU."""
+    """vLLM quantization method of the base; unset: what the checkpoint declares (a
+    compressed-tensors copy from `loraplex quantize`, AWQ, GPTQ, ...). Online `fp8*` is refused
+    on CPUs without AMX, where vLLM only emulates it (80x slower than bfloat16)."""
     dtype: Dtype = "auto"
     """Activation and unquantized weight dtype of the served base."""
     max_loras: int = Field(default=4, ge=1)

@@ -2,7 +2,8 @@
 
 1. train a good adapter (QLoRA SFT on the colors task) and a deliberately bad one (the same
    questions with the answers shuffled across animals), in-process with trl + peft;
-2. serve the base fp8-quantized behind one gateway in registry mode, upload both as `colors`
+2. serve the base quantized (a `loraplex quantize` int8 W8A8 copy, by default) behind one
+   gateway in registry mode, upload both as `colors`
    candidates, and run the promotion gate (examples/colors/gate.yaml) on each: the good one
    passes and is promoted to production, the bad one is blocked with the reasons;
 3. ask `colors` (production) the held-out prompts over gRPC, next to the blocked version and the
@@ -347,8 +348,8 @@ def _lifecycle(
     return problems
 
 
-def run_demo(workdir: Path) -> int:
-    """The whole demo; returns the process exit code."""
+def run_demo(workdir: Path, serve_base: str = "w8a8") -> int:
+    """The whole demo; returns the process exit code. `serve_base`: w8a8, w4a16 or bf16."""
     console = Console()
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = 120  # a log file or pipe: rich's default 80 columns squeezes the tables
@@ -364,6 +365,14 @@ def run_demo(workdir: Path) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     model = build_tiny_model(workdir / "tiny")
     console.print(Text(f"tiny base model: {model.base}"))
+    served = model.base
+    if serve_base != "bf16":
+        from trainer.quantize import quantize_base
+
+        served = model.base.with_name(f"base-{serve_base}")
+        if not (served / "config.json").is_file():  # made once, like the training runs
+            quantize_base(model.base, served, serve_base, echo=lambda _: None)  # type: ignore[arg-type]
+        console.print(Text(f"served base ({serve_base}, loraplex quantize): {served}"))
 
     def echo(line: str) -> None:
         console.print(Text(line))
@@ -389,11 +398,9 @@ def run_demo(workdir: Path) -> int:
     proc = start_gateway(
         [
             "--model",
-            str(model.base),
+            str(served),
             "--data-dir",
             str(registry_dir),
-            "--quantization",
-            "fp8_per_channel",
             "--dtype",
             "bfloat16",
             "--max-model-len",
@@ -407,7 +414,10 @@ def run_demo(workdir: Path) -> int:
     )
     try:
         console.print(
-            Text(f"starting gateway on {target} (fp8 base, registry mode; log: {log_path}) ...")
+            Text(
+                f"starting gateway on {target} ({serve_base} base, registry mode; "
+                f"log: {log_path}) ..."
+            )
         )
         wait_until_serving(target, timeout=300, alive=lambda: proc.poll() is None)
         console.print(f"gateway SERVING after {time.monotonic() - started:.0f}s")

@@ -12,7 +12,7 @@ import os
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
-from gateway.config import GatewayConfig
+from gateway.config import ConfigError, GatewayConfig
 from gateway.domain import (
     AdapterStats,
     EngineInfo,
@@ -71,6 +71,27 @@ def cache_vllm_environment() -> None:
     from vllm import envs
 
     envs.enable_envs_cache()
+
+
+def check_quantization(config: GatewayConfig) -> None:
+    """Refuse online fp8 where vLLM can only emulate it: CPUs without AMX.
+
+    There vLLM 0.32 picks `ChannelWiseTorchFP8ScaledMMLinearKernel`, whose `torch._scaled_mm`
+    PyTorch runs natively on CPU only with AMX; otherwise it converts the whole weight to fp32
+    on every call (measured 80x slower than bf16 end to end, benchmarks/README.md).
+    """
+    if not (config.quantization or "").startswith("fp8"):
+        return
+    import torch
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu() and not torch.cpu._is_amx_tile_supported():
+        raise ConfigError(
+            f"quantization {config.quantization}: this CPU has no AMX, so vLLM emulates fp8 "
+            "matmuls (every weight converted to fp32 on each call, about 80x slower than "
+            "bfloat16). Serve a compressed-tensors copy instead: `loraplex quantize MODEL "
+            "--out DIR` (int8 W8A8), then serve DIR with no quantization setting"
+        )
 
 
 def _lora_fixes_active() -> bool:
@@ -277,7 +298,7 @@ class VllmEngine:
         _yield_between_steps(llm.engine_core)
         self.info = EngineInfo(
             base_model=config.model,
-            quantization=config.quantization or "none",
+            quantization=config.quantization or model_config.quantization or "none",
             dtype=str(model_config.dtype).removeprefix("torch."),
             max_context_length=model_config.max_model_len,
             max_lora_rank=config.max_lora_rank,

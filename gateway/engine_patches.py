@@ -48,6 +48,11 @@ the engine core and its worker hand each step over):
    `execute_model` returned an output, as it already does for other paths. The output is
    the same; measured on 2 cores with blocking engines (fix 3), AsyncLLM in-process: 3123 vs
    2838 tok/s (median runs of 7 interleaved rounds; median per-round ratio 1.12; same tokens).
+
+5. LoRA on an int8 W8A8 base fails at engine start (`_get_lora_device`, vllm/lora/layers/
+   utils.py): the CPU int8 kernel (oneDNN) prepacks the weight and sets `layer.weight = None`,
+   and the LoRA layer then reads `base_layer.weight.device` (AttributeError on None). No
+   upstream issue found; the fix returns the weight scale's device, where the layer lives.
 """
 
 from __future__ import annotations
@@ -297,6 +302,19 @@ def _sample_in_same_call(original: Callable[..., Any]) -> Callable[..., Any]:
     return execute_model
 
 
+def _device_of_released_weight(original: Callable[..., Any]) -> Callable[..., Any]:
+    """`_get_lora_device` that also knows layers whose kernel released `weight` (fix 5)."""
+
+    @functools.wraps(original)
+    def get_lora_device(base_layer: Any) -> Any:
+        if getattr(base_layer, "weight", 0) is None and hasattr(base_layer, "weight_scale"):
+            return base_layer.weight_scale.device
+        return original(base_layer)
+
+    get_lora_device.__loraplex_patched__ = True  # type: ignore[attr-defined]
+    return get_lora_device
+
+
 def register() -> None:
     """vLLM plugin entry point; safe to call more than once per process.
 
@@ -333,6 +351,14 @@ def register() -> None:
         _patch(gpu_worker.Worker, "execute_model", _sample_in_same_call)
     except (ImportError, AttributeError) as exc:
         log.error("loraplex: cannot merge vLLM's sampling call into its model call: %s", exc)
+    try:
+        from vllm.lora.layers import base_linear, fused_moe, utils
+
+        _patch(utils, "_get_lora_device", _device_of_released_weight)
+        for module in (base_linear, fused_moe):  # imported there by name
+            module._get_lora_device = utils._get_lora_device
+    except (ImportError, AttributeError) as exc:
+        log.error("loraplex: cannot serve LoRA on an int8 (oneDNN) base: %s", exc)
     if os.environ.get(SPIN_WAIT_ENV) == "0":
         try:
             from vllm.distributed.device_communicators import shm_broadcast

@@ -316,6 +316,9 @@ class Gateway:
 
 def serve(config: GatewayConfig) -> int:
     """Run a gateway in a fresh event loop; returns its exit code."""
+    from gateway.engine import check_quantization  # the vLLM import
+
+    check_quantization(config)
 
     async def main() -> int:  # grpc.aio objects must be created inside the running loop
         return await Gateway(config).run()

@@ -269,3 +269,21 @@ def test_the_plugin_patches_vllms_worker_once():
     assert patched.__loraplex_patched__ and patched.__wrapped__.__name__ == "execute_model"
     register()
     assert gpu_worker.Worker.execute_model is patched
+
+
+def test_lora_layers_find_the_device_of_a_base_whose_kernel_released_its_weight():
+    """The int8 oneDNN kernel sets `weight = None` (fix 5); upstream then fails on `.device`."""
+    from vllm.lora.layers import base_linear, utils
+
+    int8_layer = torch.nn.Module()
+    int8_layer.weight = None
+    int8_layer.weight_scale = torch.nn.Parameter(torch.ones(4, 1), requires_grad=False)
+    upstream = getattr(utils._get_lora_device, "__wrapped__", utils._get_lora_device)
+    with pytest.raises(AttributeError, match="'NoneType' object has no attribute 'device'"):
+        upstream(int8_layer)
+    register()
+    assert base_linear._get_lora_device is utils._get_lora_device  # the name LoRA layers call
+    assert utils._get_lora_device(int8_layer) == torch.device("cpu")
+    assert utils._get_lora_device(torch.nn.Linear(2, 2)) == torch.device("cpu")
+    register()
+    assert utils._get_lora_device.__wrapped__.__name__ == "_get_lora_device"  # wrapped once

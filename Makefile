@@ -62,6 +62,12 @@ $(SYS_STAMP): $(STAMP)
 	@ls $(PG_LIB)/*/bin/initdb >/dev/null 2>&1 || \
 		{ echo "no $(PG_LIB)/*/bin/initdb after installing postgresql" >&2; exit 1; }
 	@command -v promtool >/dev/null || { echo "no promtool after installing prometheus" >&2; exit 1; }
+	@# The versions the tests were written against (Debian 12): PostgreSQL >= 15, Prometheus >= 2.42.
+	@pg=$$(ls -d $(PG_LIB)/*/bin/initdb | sort -V | tail -1 | xargs dirname | xargs dirname | xargs basename); \
+	prom=$$(prometheus --version 2>&1 | sed -n 's/^prometheus, version \([0-9.]*\).*/\1/p'); \
+	echo "system packages: PostgreSQL $$pg, Prometheus $$prom"; \
+	[ "$$pg" -ge 15 ] || { echo "PostgreSQL $$pg is older than 15" >&2; exit 1; }; \
+	printf '2.42.0\n%s\n' "$$prom" | sort -V -C || { echo "Prometheus $$prom is older than 2.42" >&2; exit 1; }
 	touch $@
 
 demo: $(STAMP)

@@ -115,12 +115,15 @@ def quantize(
     scheme: Annotated[
         str, typer.Option(help="w8a8: int8 weights, dynamic int8 activations; w4a16: 4-bit.")
     ] = "w8a8",
+    reuse: Annotated[
+        bool, typer.Option(help="Keep OUT if it is already this scheme's copy of MODEL.")
+    ] = False,
 ) -> None:
     """Write a compressed-tensors copy of a base (data-free) that vLLM serves fast with LoRA."""
     from trainer.quantize import QuantizeError, quantize_base
 
     try:
-        quantize_base(model, out, scheme, echo=typer.echo)  # type: ignore[arg-type]
+        quantize_base(model, out, scheme, echo=typer.echo, reuse=reuse)  # type: ignore[arg-type]
     except QuantizeError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import time
 import urllib.request
 from collections.abc import Callable
@@ -348,6 +349,27 @@ def _lifecycle(
     return problems
 
 
+PROGRESS_EVERY_S = 8.0  # the demo never goes quiet for longer while it waits
+
+
+def _alive_and_telling(
+    proc: subprocess.Popen, log_path: Path, console: Console
+) -> Callable[[], bool]:
+    """`alive` for wait_until_serving that also prints the gateway log's last line now and then
+    (loading the engine takes tens of seconds)."""
+    started = last = time.monotonic()
+
+    def alive() -> bool:
+        nonlocal last
+        if time.monotonic() - last >= PROGRESS_EVERY_S:
+            last = time.monotonic()
+            lines = log_path.read_text(errors="replace").strip().splitlines() or [""]
+            console.print(Text(f"  ... {last - started:.0f}s: {lines[-1][-100:]}", style="dim"))
+        return proc.poll() is None
+
+    return alive
+
+
 def run_demo(workdir: Path, serve_base: str = "w8a8") -> int:
     """The whole demo; returns the process exit code. `serve_base`: w8a8, w4a16 or bf16."""
     console = Console()
@@ -370,8 +392,7 @@ def run_demo(workdir: Path, serve_base: str = "w8a8") -> int:
         from trainer.quantize import quantize_base
 
         served = model.base.with_name(f"base-{serve_base}")
-        if not (served / "config.json").is_file():  # made once, like the training runs
-            quantize_base(model.base, served, serve_base, echo=lambda _: None)  # type: ignore[arg-type]
+        quantize_base(model.base, served, serve_base, echo=lambda _: None, reuse=True)  # type: ignore[arg-type]
         console.print(Text(f"served base ({serve_base}, loraplex quantize): {served}"))
 
     def echo(line: str) -> None:
@@ -419,7 +440,7 @@ def run_demo(workdir: Path, serve_base: str = "w8a8") -> int:
                 f"log: {log_path}) ..."
             )
         )
-        wait_until_serving(target, timeout=300, alive=lambda: proc.poll() is None)
+        wait_until_serving(target, timeout=300, alive=_alive_and_telling(proc, log_path, console))
         console.print(f"gateway SERVING after {time.monotonic() - started:.0f}s")
         problems = _lifecycle(target, adapters, policy, reports, console)
         _print_request_counts(metrics_port, console)

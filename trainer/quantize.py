@@ -12,6 +12,7 @@ trained on the original register against it. lm_head stays unquantized: LoRA may
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -31,6 +32,7 @@ UNQUANTIZED = ["lm_head"]
 # Files of a model folder that are not weights and are copied as they are.
 _COPIED_SUFFIXES = (".json", ".jinja", ".model", ".txt", ".tiktoken")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json")
+STAMP = "loraplex-quantize.json"  # in the copy: what it was made from, for --reuse
 
 
 class QuantizeError(ValueError):
@@ -43,8 +45,13 @@ def quantize_base(
     out: Path,
     scheme: Scheme = "w8a8",
     echo: Callable[[str], None] = print,
+    reuse: bool = False,
 ) -> Path:
-    """Quantize the model folder `source` into `out` (written whole, then renamed into place)."""
+    """Quantize the model folder `source` into `out` (written whole, then renamed into place).
+
+    `reuse`: an existing `out` made by this function from the same source and scheme is kept
+    (init containers and compose services run again on every start).
+    """
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
         QuantizationConfig,
@@ -61,7 +68,11 @@ def quantize_base(
         raise QuantizeError(f"{source} is not a model folder (no config.json)")
     if "quantization_config" in json.loads(config_file.read_text()):
         raise QuantizeError(f"{source} is already quantized; start from the unquantized base")
+    stamp = _stamp(source, scheme)
     if out.exists():
+        if reuse and _read_stamp(out) == stamp:
+            echo(f"{out} is already the {scheme} copy of {source}: reused")
+            return out
         raise QuantizeError(f"{out} exists; remove it or choose another folder")
     preset, checkpoint_format = SCHEMES[scheme]
     echo(f"loading {source}")
@@ -80,6 +91,7 @@ def quantize_base(
         staging = Path(tmp) / "model"
         model.save_pretrained(staging)
         compressor.update_config(str(staging))
+        (staging / STAMP).write_text(json.dumps(stamp, indent=1))
         for path in source.iterdir():
             copied = path.suffix in _COPIED_SUFFIXES and path.name not in _WEIGHT_FILES
             if path.is_file() and copied:
@@ -87,6 +99,24 @@ def quantize_base(
         staging.rename(out)
     echo(f"wrote {out}")
     return out
+
+
+def _stamp(source: Path, scheme: str) -> dict:
+    """What identifies a copy's origin: the scheme and the sha256 of the source's config and
+    weight files (read once more; a stale copy of a rebuilt base must not be reused)."""
+    files = [source / "config.json", *sorted(source.glob("*.safetensors"))]
+    digests = {}
+    for path in files:
+        with path.open("rb") as f:
+            digests[path.name] = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"scheme": scheme, "source_sha256": digests}
+
+
+def _read_stamp(out: Path) -> dict | None:
+    try:
+        return json.loads((out / STAMP).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _set_weight_scales(model: torch.nn.Module) -> int:

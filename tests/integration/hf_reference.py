@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -25,9 +27,6 @@ class HFReference:
     """Loads the base once; `model(adapter)` swaps in a peft adapter (or none)."""
 
     def __init__(self, tiny: TinyModel) -> None:
-        # One thread: the engine's worker is pinned to a core and busy while it serves; two
-        # OpenMP threads here would wait on each other across that core (measured 10x slower).
-        torch.set_num_threads(1)
         self.tiny = tiny
         self.tokenizer = AutoTokenizer.from_pretrained(tiny.base)
         self._models: dict[str, torch.nn.Module] = {}
@@ -64,3 +63,17 @@ class HFReference:
             tops.append(step_lp.topk(top_k).indices.tolist())
             ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
         return Reference(tokens, token_lps, prompt_lp, tops)
+
+
+@contextmanager
+def hf_reference(tiny: TinyModel) -> Iterator[HFReference]:
+    """An HFReference computing on one thread while it lives: the engine's worker is pinned to
+    a core and busy while it serves, and two OpenMP threads here would wait on each other across
+    that core (measured 10x slower). The thread count is restored afterwards, so later tests
+    (training) compute as they do alone."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield HFReference(tiny)
+    finally:
+        torch.set_num_threads(threads)

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from gateway.client import AsyncClient
 from loraplex.v1 import generation_pb2 as pb
 from tests.conftest import MAX_MODEL_LEN
-from tests.integration.hf_reference import HFReference
+from tests.integration.hf_reference import hf_reference
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +49,8 @@ GREEDY = {"temperature": 0.0, "ignore_eos": True}
 
 @pytest.fixture(scope="module")
 def hf(tiny_model):
-    return HFReference(tiny_model)
+    with hf_reference(tiny_model) as reference:
+        yield reference
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from gateway.client import AdapterClient, AsyncClient
 from loraplex.v1 import adapters_pb2 as apb
-from tests.integration.hf_reference import HFReference
+from tests.integration.hf_reference import hf_reference
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +23,8 @@ GREEDY = {"temperature": 0.0, "ignore_eos": True}
 
 @pytest.fixture(scope="module")
 def hf(tiny_model):
-    return HFReference(tiny_model)
+    with hf_reference(tiny_model) as reference:
+        yield reference
 
 
 @pytest.fixture(scope="module")

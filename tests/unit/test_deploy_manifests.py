@@ -471,13 +471,17 @@ def test_overlays_set_their_engine():
         pod = deployment["spec"]["template"]["spec"]
         images[overlay] = {c["image"] for c in [*pod.get("initContainers", []), container]}
     assert images == {"cpu": {"loraplex:0.1.0-cpu"}, "gpu": {"loraplex:0.1.0-gpu"}}
-    # cpu: fp8 on CPU, a KV cache that fits in the memory request, the tiny model built first
+    # cpu: a KV cache that fits in the memory request; the tiny model built first, then its
+    # int8 W8A8 copy (a checkpoint's own quantization: no online method) is what is served
     deployment, container, config = gateway_parts(cpu)
-    assert config.quantization == "fp8_per_channel" and "kv_cache_space_gib" in _config_keys(cpu)
+    assert config.quantization is None and "kv_cache_space_gib" in _config_keys(cpu)
     assert _gib(container["resources"]["requests"]["memory"]) >= config.kv_cache_space_gib + 1
-    (init,) = deployment["spec"]["template"]["spec"]["initContainers"]
-    out = init["args"][init["args"].index("--out") + 1]
-    assert init["args"][0] == "tiny-model" and str(Path(out) / "base") == config.model
+    build, quantize = deployment["spec"]["template"]["spec"]["initContainers"]
+    out = build["args"][build["args"].index("--out") + 1]
+    assert build["args"][0] == "tiny-model"
+    assert quantize["args"] == ["quantize", str(Path(out) / "base"), "--out", config.model,
+                                "--reuse"]  # fmt: skip
+    assert quantize["volumeMounts"] == build["volumeMounts"]
     assert "nvidia.com/gpu" not in json.dumps(deployment)
     # gpu: one GPU per pod, GPU nodes only, a quantized checkpoint from the models volume
     deployment, container, config = gateway_parts(gpu)
@@ -545,18 +549,23 @@ def test_compose_wiring():
     gateway = services["gateway"]
     config = load_yaml_config(_mount(gateway, "/etc/loraplex/gateway.yaml").read_text())
     assert gateway["command"] == ["serve", "--config", "/etc/loraplex/gateway.yaml"]
-    for name in ("gateway", "model-init"):
+    for name in ("gateway", "model-init", "model-quantize"):
         build = services[name]["build"]
         assert (ROOT / build["dockerfile"]).resolve() == DOCKERFILES["cpu"]
         assert (DEPLOY / build["context"]).resolve() == ROOT
-    # the tiny model comes from model-init, into the volume the gateway reads
-    init = services["model-init"]
+    # the tiny model comes from model-init, its W8A8 copy from model-quantize, into the volume
+    # the gateway reads
+    init, quantize = services["model-init"], services["model-quantize"]
     out = init["command"][init["command"].index("--out") + 1]
-    assert str(Path(out) / "base") == config.model
+    assert quantize["command"] == ["quantize", str(Path(out) / "base"), "--out", config.model,
+                                   "--reuse"]  # fmt: skip
+    assert config.quantization is None
     assert f"models:{out}" in init["volumes"] and f"models:{out}:ro" in gateway["volumes"]
+    assert quantize["volumes"] == init["volumes"]
     assert f"artifacts:{config.data_dir}" in gateway["volumes"]
+    assert quantize["depends_on"] == {"model-init": {"condition": "service_completed_successfully"}}
     assert gateway["depends_on"] == {
-        "model-init": {"condition": "service_completed_successfully"},
+        "model-quantize": {"condition": "service_completed_successfully"},
         "postgres": {"condition": "service_healthy"},
     }
     # registry: the postgres service, password through PGPASSWORD from deploy/.env
@@ -667,13 +676,16 @@ def test_dockerfile_contract(engine):
     exposed = {op_args for op, args in steps if op == "EXPOSE" for op_args in args.split()}
     assert exposed == {"50051", "9400"}
     runs = " ".join(args for op, args in steps if op == "RUN")
+    # the packages come from the lock, hashes required, by the pinned uv; the project without deps
+    assert "--require-hashes --no-deps -r requirements/uv.txt" in runs
+    assert re.search(rf"uv pip sync .*--require-hashes .*requirements/{engine}\.txt", runs)
+    assert "--no-deps --no-build-isolation ." in runs
     if engine == "cpu":
         assert "ARG PYTHON_IMAGE=python:3.11-slim-bookworm" in text
-        assert '".[cpu]"' in runs and "--extra-index-url" in runs
-        assert "pip uninstall -y torchvision torchaudio torchcodec" in runs
+        assert "--extra-index-url" in runs  # torch 2.13.0+cpu
     else:
         assert re.search(r"ARG CUDA_IMAGE=nvidia/cuda:\S+", text)
-        assert '".[gpu]"' in runs and "python3.11" in runs
+        assert "python3.11" in runs
     # the config file the CMD names is in the image, and agrees with the container contract
     copied = [args.split() for op, args in steps if op == "COPY" and not args.startswith("--")]
     assert ["deploy/docker/gateway.yaml", "/etc/loraplex/gateway.yaml"] in copied

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from gateway.config import ConfigError, GatewayConfig
 from gateway.registry.fingerprint import base_fingerprint
@@ -101,3 +102,20 @@ def test_serve_with_online_fp8_exits_2_before_loading_anything(tiny_model, tmp_p
     )  # fmt: skip
     assert done.returncode == 2
     assert "no AMX" in done.stderr and "loraplex quantize" in done.stderr
+
+
+def test_reuse_keeps_only_the_same_schemes_copy_of_the_same_weights(tiny_model, tmp_path):
+    source = tmp_path / "base"
+    shutil.copytree(tiny_model.base, source)
+    out = quantize_base(source, tmp_path / "q", "w8a8", print)
+    made = (out / "model.safetensors").stat().st_mtime_ns
+    assert quantize_base(source, out, "w8a8", print, reuse=True) == out
+    assert (out / "model.safetensors").stat().st_mtime_ns == made  # not written again
+    with pytest.raises(QuantizeError, match="exists"):
+        quantize_base(source, out, "w4a16", print, reuse=True)
+    weights = source / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["lm_head.weight"] = tensors["lm_head.weight"] * 2  # a rebuilt base, same sizes
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(QuantizeError, match="exists"):
+        quantize_base(source, out, "w8a8", print, reuse=True)

@@ -28,13 +28,14 @@ from trainer.run import RunError, TrainResult, run_training
 EXAMPLES = Path(__file__).parents[2] / "examples" / "colors"
 HELD_OUT = [json.loads(line) for line in (EXAMPLES / "colors_eval.jsonl").open()]
 HELD_OUT_PAIRS = [json.loads(line) for line in (EXAMPLES / "pairs_eval.jsonl").open()]
-LOSS_DROP = 2.0  # nats: held-out eval loss must fall at least this much (from ~6.9, random init)
-MIN_EXACT_MATCH = 0.75  # trained adapter, greedy, on the 12 held-out prompts
+# Bounds sit well inside what 10 seeds gave (benchmarks/learning_spread.py, benchmarks/README.md
+# "learning spread"), not at one run's result.
+LOSS_DROP = 2.0  # nats, held-out eval loss (from ~6.9, random init); measured drops 3.4-4.6
+MIN_EXACT_MATCH = 0.5  # greedy, on the 12 held-out prompts; measured 0.58-1.0 (SFT), 0.83-1.0
 MIN_EM_GAIN = 0.5  # over the base's exact match (which is 0 for a random-init base)
-MIN_PREFERENCE_ACCURACY = 0.8  # DPO / reward model on the 24 held-out pairs (chance: 0.5)
-# DPO continuing an SFT adapter starts from a policy that already ranks most pairs; over 10
-# seeds (benchmarks/learning_spread.py) its held-out accuracy was 0.67-0.92 and its margin
-# 0.10-0.65, so the test asks for better than chance and a positive margin.
+MIN_PREFERENCE_ACCURACY = 0.8  # DPO / reward model, 24 held-out pairs; measured 0.92-1.0
+# DPO continuing an SFT adapter starts from a policy that already ranks most pairs; its held-out
+# accuracy was 0.67-0.92 and its margin 0.10-0.65: better than chance and a positive margin.
 MIN_CONTINUED_DPO_ACCURACY = 0.55
 
 

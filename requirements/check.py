@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import sys
+import sysconfig
 import tomllib
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -95,7 +96,12 @@ def lock_problems(pyproject: Path, lock: Path, extras: tuple[str, ...]) -> list[
 def env_problems(locks: list[Path]) -> list[str]:
     """Where the installed distributions differ from the locks; empty when they match."""
     pins = {name: pin for lock in locks for name, pin in read_lock(lock).items()}
-    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    # The environment's own site-packages only: sys.path may also hold copies vendored inside
+    # packages (setuptools puts its _vendor folder there once imported).
+    paths = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    installed = {
+        canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions(path=paths)
+    }
     problems = []
     for name, pin in sorted(pins.items()):
         have = installed.get(name)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -379,12 +380,16 @@ def run_demo(workdir: Path, serve_base: str = "w8a8") -> int:
     if not (EXAMPLES / "gate.yaml").is_file():
         console.print(f"[red]demo failed:[/] needs the repository's examples ({EXAMPLES})")
         return 1
+    for module in ("torch", "transformers", "peft", "trl", "lm_eval"):  # ~15 s on 2 cores
+        console.print(f"loading {module} ...")
+        importlib.import_module(module)
     _quiet_libraries()
     from evalsuite.policy import load_policy
     from trainer.tiny import build_tiny_model
 
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    console.print("building the tiny base model (a BPE tokenizer and a 2-layer Llama) ...")
     model = build_tiny_model(workdir / "tiny")
     console.print(Text(f"tiny base model: {model.base}"))
     served = model.base

@@ -42,6 +42,9 @@ class GatewayConfig(BaseModel):
     """Registry mode: how often to look for changes made by other replicas."""
     max_adapter_bytes: int = Field(default=1 << 30, ge=1024)
     """Largest adapter (its files, or an uploaded archive) accepted at registration."""
+    max_concurrent_uploads: int = Field(default=2, ge=1)
+    """Registry mode: uploads received at once; each may hold up to twice max_adapter_bytes
+    of disk while it runs. Past it, a new upload gets RESOURCE_EXHAUSTED before it sends."""
     base_model_names: list[str] = Field(default_factory=list)
     """Other names of the served base that adapters may declare as base_model_name_or_path
     (e.g. its hub id when the model is served from a local folder)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -118,10 +119,20 @@ def code_of(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+# An absolute path not inside a word, a URL or a relative path: "/a/b/c" -> its group "c".
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/-])/(?:[\w.@+~-]+/)*([\w.@+~-]+)")
+
+
+def without_host_paths(message: str) -> str:
+    """A client message with every absolute path cut to its last part: where the gateway
+    keeps its files (data_dir, model, temporary folders) is not the client's business."""
+    return _ABSOLUTE_PATH.sub(lambda match: match.group(1), message)
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status and message for an exception raised while serving a request."""
     if isinstance(exc, LoraplexError):
-        return exc.code, str(exc)
+        return exc.code, without_host_paths(str(exc))
     log.exception("internal error while serving a request", exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see gateway logs"
 

@@ -1,7 +1,8 @@
 """Adapter references -> exact adapter versions the engine can load.
 
 `AdapterResolver` is the seam the registry plugs into. `DirectoryResolver` serves every
-sub-folder of a directory that holds an `adapter_config.json`, named after the folder.
+sub-folder of a directory that holds an `adapter_config.json`, named after the folder, once its
+weights pass the registry's checks against the base's layers (shapes included).
 """
 
 from __future__ import annotations
@@ -15,11 +16,18 @@ from typing import Protocol
 
 from gateway.domain import ResolvedAdapter
 from gateway.errors import AdapterNotFound, AdapterUnavailable, InvalidAdapter
-from gateway.registry.validate import read_lora_config
+from gateway.registry.base_model import BaseLayers
+from gateway.registry.validate import (
+    LEGACY_WEIGHTS_FILE,
+    WEIGHTS_FILE,
+    check_lora_weights,
+    lora_modules,
+    read_lora_config,
+)
 
 log = logging.getLogger(__name__)
 
-WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+WEIGHT_FILES = (WEIGHTS_FILE, LEGACY_WEIGHTS_FILE)
 
 
 class AdapterResolver(Protocol):
@@ -56,9 +64,16 @@ class DirectoryResolver:
     loaded under a new id instead of silently reusing weights cached under the old one.
     """
 
-    def __init__(self, root: Path, max_lora_rank: int, rescan_interval_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        root: Path,
+        max_lora_rank: int,
+        base: BaseLayers,
+        rescan_interval_s: float = 1.0,
+    ) -> None:
         self.root = root
         self.max_lora_rank = max_lora_rank
+        self.base = base
         self.rescan_interval_s = rescan_interval_s
         self._entries: dict[str, _Entry] = {}
         self._ids: dict[tuple[str, tuple[int, int]], int] = {}
@@ -66,13 +81,15 @@ class DirectoryResolver:
         self._lock = threading.Lock()
         self.scan()
 
-    def _fingerprint(self, folder: Path) -> tuple[int, int]:
+    def _weights(self, folder: Path) -> Path:
         for name in WEIGHT_FILES:
-            weights = folder / name
-            if weights.is_file():
-                stat = weights.stat()
-                return stat.st_size, stat.st_mtime_ns
+            if (folder / name).is_file():
+                return folder / name
         raise ValueError(f"no adapter weights ({' or '.join(WEIGHT_FILES)})")
+
+    def _fingerprint(self, folder: Path) -> tuple[int, int]:
+        stat = self._weights(folder).stat()
+        return stat.st_size, stat.st_mtime_ns
 
     def _engine_id(self, name: str, fingerprint: tuple[int, int]) -> int:
         key = (name, fingerprint)
@@ -83,15 +100,14 @@ class DirectoryResolver:
     def _load_entry(self, folder: Path) -> _Entry:
         try:
             fingerprint = self._fingerprint(folder)
-            _, rank, modules = read_lora_config(folder)
+            config, _, modules = read_lora_config(folder)
         except (OSError, ValueError, InvalidAdapter) as exc:
             return _Entry(None, f"adapter {folder.name!r} is unreadable: {exc}", (0, 0))
-        if rank > self.max_lora_rank:
-            problem = (
-                f"adapter {folder.name!r} has rank {rank} > the gateway's max_lora_rank "
-                f"{self.max_lora_rank}"
-            )
-            return _Entry(None, problem, fingerprint)
+        try:
+            lora = lora_modules(self._weights(folder))
+            rank = check_lora_weights(config, lora, self.base, self.max_lora_rank)
+        except (OSError, ValueError, InvalidAdapter) as exc:
+            return _Entry(None, f"adapter {folder.name!r} cannot be served: {exc}", fingerprint)
         engine_id = self._engine_id(folder.name, fingerprint)
         adapter = ResolvedAdapter(folder.name, 0, engine_id, folder.resolve(), rank, modules)
         return _Entry(adapter, None, fingerprint)

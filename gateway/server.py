@@ -30,9 +30,9 @@ from gateway.key_service import KeyServicer
 from gateway.keys import KeyRing, KeyStore
 from gateway.metrics import REGISTRY, AdapterLabels, AliasCollector, GatewayMetrics, serve_http
 from gateway.pipeline import GenerationPipeline, RequestLimits
+from gateway.registry.base_model import BaseLayers, BaseModelFacts
 from gateway.registry.integrity import ArtifactCheck
 from gateway.registry.service import Registry
-from gateway.registry.validate import BaseModelFacts
 from gateway.resolver import AdapterResolver, DirectoryResolver
 from loraplex.v1 import (
     adapters_pb2,
@@ -118,6 +118,7 @@ def open_registry(config: GatewayConfig) -> Registry:
         base,
         config.max_lora_rank,
         config.max_adapter_bytes,
+        config.max_concurrent_uploads,
     )
 
 
@@ -257,7 +258,10 @@ class Gateway:
             log.info("metrics on http://%s:%d/metrics", self.config.host, port)
         resolver: AdapterResolver
         if self.config.adapters_dir is not None:
-            resolver = DirectoryResolver(self.config.adapters_dir, self.config.max_lora_rank)
+            layers = await asyncio.to_thread(BaseLayers.of_model, self.config.model)
+            resolver = DirectoryResolver(
+                self.config.adapters_dir, self.config.max_lora_rank, layers
+            )
         else:
             self.registry = await asyncio.to_thread(open_registry, self.config)
             await self.registry.view.refresh(force=True)

@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.domain import ResolvedAdapter
-from gateway.errors import AdapterUnavailable, InvalidAdapter, InvalidRequest
+from gateway.errors import AdapterUnavailable, InvalidAdapter, InvalidRequest, Overloaded
+from gateway.registry.archive import extract_upload
 from gateway.registry.artifacts import ArtifactStore, failpoint
+from gateway.registry.base_model import BaseModelFacts
 from gateway.registry.store import (
     AdapterRecord,
     AliasMove,
@@ -35,12 +37,7 @@ from gateway.registry.store import (
     check_alias_move,
     check_registration,
 )
-from gateway.registry.validate import (
-    AdapterFacts,
-    BaseModelFacts,
-    extract_upload,
-    inspect_adapter,
-)
+from gateway.registry.validate import AdapterFacts, inspect_adapter
 from gateway.registry.view import Prewarm, RegistryView
 
 log = logging.getLogger(__name__)
@@ -76,12 +73,15 @@ class Registry:
         base: BaseModelFacts,
         max_rank: int,
         max_bytes: int,
+        max_uploads: int = 2,
     ) -> None:
         self.store = store
         self.artifacts = artifacts
         self.base = base
         self.max_rank = max_rank
         self.max_bytes = max_bytes
+        self.max_uploads = max_uploads
+        self._uploads_running = 0
         self.view = RegistryView(store, artifacts.path)
         # Not under artifacts/tmp: a replica starting on a shared data_dir sweeps that.
         self.uploads = artifacts.objects.parent / "uploads"
@@ -89,12 +89,23 @@ class Registry:
 
     @classmethod
     def open(
-        cls, url: str, data_dir: Path, base: BaseModelFacts, max_rank: int, max_bytes: int
+        cls,
+        url: str,
+        data_dir: Path,
+        base: BaseModelFacts,
+        max_rank: int,
+        max_bytes: int,
+        max_uploads: int = 2,
     ) -> Registry:
         """Open (creating or upgrading) the registry and clean up after any crash."""
         data_dir.mkdir(parents=True, exist_ok=True)
         registry = cls(
-            RegistryStore(url), ArtifactStore(data_dir / "artifacts"), base, max_rank, max_bytes
+            RegistryStore(url),
+            ArtifactStore(data_dir / "artifacts"),
+            base,
+            max_rank,
+            max_bytes,
+            max_uploads,
         )
         registry.recover()
         return registry
@@ -193,10 +204,20 @@ class Registry:
         actor: str,
         prewarm: Prewarm,
     ) -> VersionRecord:
-        """Receive an archive (size-limited, optionally checksummed) and register it."""
+        """Receive an archive (size-limited, optionally checksummed) and register it.
+
+        At most `max_uploads` run at once: each may hold an archive and its unpacked copy on
+        disk (up to max_bytes each), so past the bound a new one is refused before it sends.
+        """
+        if self._uploads_running >= self.max_uploads:
+            raise Overloaded(
+                f"{self.max_uploads} uploads are already running on this gateway; retry later",
+                retry_after_s=1.0,
+            )
+        self._uploads_running += 1
         work = self.uploads / uuid.uuid4().hex
-        work.mkdir()
         try:
+            work.mkdir()
             archive = work / "archive"
             digest = hashlib.sha256()
             size = 0
@@ -215,9 +236,11 @@ class Registry:
                 )
             folder = work / "adapter"
             await asyncio.to_thread(extract_upload, archive, folder, self.max_bytes)
+            archive.unlink()  # only the unpacked copy is needed from here on
             named = dataclasses.replace(request, source=request.source or "upload")
             return await self.register(folder, named, actor, prewarm)
         finally:
+            self._uploads_running -= 1
             shutil.rmtree(work, ignore_errors=True)
 
     async def set_alias(

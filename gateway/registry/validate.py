@@ -1,53 +1,43 @@
 """Registration checks: an adapter is refused with a clear reason before anything is stored.
 
 `inspect_adapter` reads a peft LoRA folder without loading tensors (safetensors headers only)
-and checks it against the served base; `extract_upload` unpacks an uploaded archive safely.
+and checks it against the served base, down to every LoRA matrix's shape against the layer it
+targets: an adapter made for another base must fail here, not serve nonsense.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import tarfile
-import zipfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
+from typing import Literal
 
 from safetensors import SafetensorError, safe_open
 
 from gateway.errors import InvalidAdapter
-from gateway.registry.fingerprint import base_fingerprint
+from gateway.registry.base_model import BaseLayers, BaseModelFacts, Shape
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+LEGACY_WEIGHTS_FILE = "adapter_model.bin"  # directory mode only; registration wants safetensors
 MANIFEST_FILE = "manifest.json"
 ALLOWED_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE, "README.md"})
 PEFT_PREFIX = "base_model.model."
-_LORA_WEIGHT = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+_LORA_LINEAR = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
+_LORA_EMBEDDING = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<part>[AB])(?:\.[^.]+)?$")
+# peft saves the base's own embedding / lm_head next to a LoRA on them; vLLM skips the copy
+_BASE_COPY = re.compile(r"^(?P<module>.+\.embed_tokens|lm_head)\.base_layer\.weight$")
 
 
-@dataclass(frozen=True)
-class BaseModelFacts:
-    """What validation needs to know about the served base model."""
+@dataclass
+class LoraModule:
+    """The LoRA matrices of one targeted module, as shapes."""
 
-    names: frozenset[str]  # declared names an adapter may name as its base
-    fingerprint: str
-    modules: frozenset[
-        str
-    ]  # dotted module paths that hold weights, e.g. model.layers.0.mlp.up_proj
-
-    @classmethod
-    def from_folder(cls, model_dir: Path, aliases: tuple[str, ...] = ()) -> BaseModelFacts:
-        """Facts of a local HF model folder (single or sharded safetensors)."""
-        index = model_dir / "model.safetensors.index.json"
-        if index.is_file():
-            names = json.loads(index.read_text())["weight_map"].keys()
-        else:
-            with safe_open(model_dir / "model.safetensors", framework="pt") as weights:
-                names = list(weights.keys())
-        modules = frozenset(name.rsplit(".", 1)[0] for name in names)
-        declared = {str(model_dir), str(model_dir.resolve()), model_dir.name, *aliases}
-        return cls(frozenset(declared), base_fingerprint(model_dir), modules)
+    kind: Literal["linear", "embedding"]
+    a: list[int] | None = None
+    b: list[int] | None = None
+    base_copy: list[int] | None = None  # peft's copy of the base layer's own weight
 
 
 @dataclass(frozen=True)
@@ -66,7 +56,7 @@ class AdapterFacts:
 def check_files(folder: Path, max_bytes: int) -> int:
     """Only expected regular files, no links, within the size limit; returns the total size."""
     if not folder.is_dir():
-        raise InvalidAdapter(f"{folder} is not a directory")
+        raise InvalidAdapter(f"{folder.name!r} is not a directory")
     total = 0
     for path in sorted(folder.iterdir()):
         if path.is_symlink():
@@ -109,21 +99,51 @@ def read_lora_config(folder: Path) -> tuple[dict, int, tuple[str, ...]]:
     return config, rank, tuple(sorted(targets))
 
 
-def _lora_shapes(weights_path: Path) -> dict[str, dict[str, list[int]]]:
-    """{module path: {"A": shape, "B": shape}} from the safetensors header."""
+def _tensor_shapes(weights_path: Path) -> dict[str, list[int]]:
+    """{tensor name: shape}: a safetensors header, or a legacy .bin (mmapped, directory mode)."""
+    if weights_path.suffix == ".bin":
+        import torch  # a pickle: read with weights_only, never executed
+
+        try:
+            tensors = torch.load(weights_path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # any unreadable file is the adapter's problem
+            raise InvalidAdapter(f"{weights_path.name} is not a readable weights file") from exc
+        return {name: list(tensor.shape) for name, tensor in tensors.items()}
     try:
         with safe_open(weights_path, framework="pt") as weights:
             names = weights.keys()  # a safetensors handle, not a dict
-            shapes = {name: list(weights.get_slice(name).get_shape()) for name in names}
+            return {name: list(weights.get_slice(name).get_shape()) for name in names}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise InvalidAdapter(f"{WEIGHTS_FILE} is not a readable safetensors file: {exc}") from exc
-    modules: dict[str, dict[str, list[int]]] = {}
-    for name, shape in shapes.items():
-        match = _LORA_WEIGHT.match(name.removeprefix(PEFT_PREFIX))
-        if match:
-            modules.setdefault(match["module"], {})[match["part"]] = shape
+        raise InvalidAdapter(f"{weights_path.name} is not a readable safetensors file") from exc
+
+
+def lora_modules(weights_path: Path) -> dict[str, LoraModule]:
+    """{module path: its LoRA matrices}; any tensor that is not a LoRA A/B matrix is refused,
+    so nothing in the file goes unchecked (DoRA magnitudes, modules_to_save copies)."""
+    modules: dict[str, LoraModule] = {}
+    kind: Literal["linear", "embedding"]
+    for name, shape in sorted(_tensor_shapes(weights_path).items()):
+        short = name.removeprefix(PEFT_PREFIX)
+        copy = _BASE_COPY.match(short)
+        if copy is not None:
+            kind = "embedding" if copy["module"].endswith("embed_tokens") else "linear"
+            modules.setdefault(copy["module"], LoraModule(kind)).base_copy = shape
+            continue
+        match = _LORA_LINEAR.match(short)
+        kind = "linear"
+        if match is None:
+            match, kind = _LORA_EMBEDDING.match(short), "embedding"
+        if match is None or len(shape) != 2:
+            raise InvalidAdapter(
+                f"{weights_path.name}: tensor {short!r} is not a LoRA A/B matrix; only plain "
+                "LoRA is served (no DoRA magnitudes, no full copies of modules_to_save)"
+            )
+        module = modules.setdefault(match["module"], LoraModule(kind))
+        if module.kind != kind:
+            raise InvalidAdapter(f"{match['module']}: mixes linear and embedding LoRA matrices")
+        setattr(module, match["part"].lower(), shape)
     if not modules:
-        raise InvalidAdapter(f"{WEIGHTS_FILE} holds no LoRA weights (lora_A / lora_B)")
+        raise InvalidAdapter(f"{weights_path.name} holds no LoRA weights (lora_A / lora_B)")
     return modules
 
 
@@ -134,21 +154,66 @@ def _targets_match(module: str, targets: list[str] | str) -> bool:
     return any(module == t or module.endswith("." + t) for t in targets)
 
 
-def _check_weights(config: dict, modules: dict[str, dict[str, list[int]]]) -> int:
-    """Weights agree with the config; returns the largest rank used."""
+def _check_fits(module: str, lora: LoraModule, rank: int, base: Shape) -> None:
+    """lora_A is [r, in_features] and lora_B [out_features, r] of the base layer."""
+    if lora.kind == "linear":
+        (out_features, in_features), names = base, ("lora_A", "lora_B")
+    else:  # an embedding's weight is [num_embeddings, embedding_dim]; A reads token ids
+        (in_features, out_features), names = base, ("lora_embedding_A", "lora_embedding_B")
+    if lora.a != [rank, in_features] or lora.b != [out_features, rank]:
+        raise InvalidAdapter(
+            f"{module}: {names[0]} is {lora.a} and {names[1]} is {lora.b}, but the base layer "
+            f"takes {in_features} inputs and gives {out_features} outputs (expected "
+            f"[{rank}, {in_features}] and [{out_features}, {rank}]): the adapter was made for "
+            "a different base model"
+        )
+
+
+def check_lora_weights(
+    config: dict, modules: dict[str, LoraModule], layers: BaseLayers, max_rank: int
+) -> int:
+    """The weights agree with the config and fit the base's layers; returns the largest rank."""
     ranks = {int(config["r"]), *(int(r) for r in (config.get("rank_pattern") or {}).values())}
     targets = config.get("target_modules") or []
-    for module, parts in sorted(modules.items()):
-        if set(parts) != {"A", "B"}:
-            raise InvalidAdapter(f"{module}: has lora_{next(iter(parts))} without its pair")
-        (rank_a, _), (_, rank_b) = parts["A"], parts["B"]
+    module_ranks: dict[str, int] = {}
+    for module, lora in sorted(modules.items()):
+        if lora.a is None and lora.b is None:
+            continue  # only peft's copy of the base layer: its shape is checked below
+        if lora.a is None or lora.b is None:
+            present = "lora_A" if lora.a is not None else "lora_B"
+            raise InvalidAdapter(f"{module}: has {present} without its pair")
+        rank_a, rank_b = lora.a[0], lora.b[1]
         if rank_a != rank_b or rank_a not in ranks:
             raise InvalidAdapter(
                 f"{module}: lora_A/lora_B ranks {rank_a}/{rank_b} disagree with r={config['r']}"
             )
         if not _targets_match(module, targets):
             raise InvalidAdapter(f"{module}: has weights but is not in target_modules {targets}")
-    return max(ranks)
+        module_ranks[module] = rank_a
+    if not module_ranks:
+        raise InvalidAdapter("the weights hold no LoRA matrices (lora_A / lora_B)")
+    rank = max(ranks)
+    if rank > max_rank:
+        raise InvalidAdapter(f"rank {rank} is above the gateway's max_lora_rank {max_rank}")
+    missing = [m for m in sorted(modules) if m not in layers.modules]
+    if missing:
+        raise InvalidAdapter(f"target modules not in the base model: {', '.join(missing[:5])}")
+    for module, lora in sorted(modules.items()):
+        shape = layers.shapes.get(module)
+        if shape is None:
+            raise InvalidAdapter(
+                f"{module}: the base's weights for this layer are packed in a format whose "
+                "shape loraplex cannot read, so the adapter cannot be checked against it"
+            )
+        if module in module_ranks:
+            _check_fits(module, lora, module_ranks[module], shape)
+        if lora.base_copy is not None and tuple(lora.base_copy) != shape:
+            raise InvalidAdapter(
+                f"{module}: the adapter carries a copy of the base layer shaped "
+                f"{lora.base_copy}, but this base's layer is {list(shape)}: the adapter was "
+                "made for a different base model"
+            )
+    return rank
 
 
 def _check_base(config: dict, manifest: dict, base: BaseModelFacts) -> str:
@@ -167,10 +232,12 @@ def _check_base(config: dict, manifest: dict, base: BaseModelFacts) -> str:
             f"cannot tell which base the adapter was trained for: no {MANIFEST_FILE} "
             "fingerprint and no base_model_name_or_path in adapter_config.json"
         )
-    if declared not in base.names and Path(declared).name not in base.names:
+    if declared not in base.names:
         raise InvalidAdapter(
-            f"trained for base {declared!r}, but this gateway serves {sorted(base.names)[0]!r} "
-            "(rule: declared name in adapter_config.json; no fingerprint in a manifest)"
+            f"trained for base {declared!r}, which is not a name of the base this gateway "
+            f"serves (fingerprint {base.fingerprint}); the operator lists accepted names in "
+            "base_model_names (rule: declared name in adapter_config.json; no fingerprint in "
+            "a manifest)"
         )
     return "declared-name"
 
@@ -182,13 +249,8 @@ def inspect_adapter(
     size = check_files(folder, max_bytes)
     config, _, targets = read_lora_config(folder)
     manifest = _read_json(folder / MANIFEST_FILE) if (folder / MANIFEST_FILE).is_file() else {}
-    shapes = _lora_shapes(folder / WEIGHTS_FILE)
-    rank = _check_weights(config, shapes)
-    if rank > max_rank:
-        raise InvalidAdapter(f"rank {rank} is above the gateway's max_lora_rank {max_rank}")
-    missing = [m for m in sorted(shapes) if m not in base.modules]
-    if missing:
-        raise InvalidAdapter(f"target modules not in the base model: {', '.join(missing[:5])}")
+    modules = lora_modules(folder / WEIGHTS_FILE)
+    rank = check_lora_weights(config, modules, base.layers, max_rank)
     return AdapterFacts(
         rank=rank,
         alpha=float(config.get("lora_alpha", rank)),
@@ -198,40 +260,3 @@ def inspect_adapter(
         base_rule=_check_base(config, manifest, base),
         manifest=manifest,
     )
-
-
-def _safe_member_name(name: str) -> str:
-    path = PurePosixPath(name)
-    if path.is_absolute() or ".." in path.parts or len(path.parts) != 1:
-        raise InvalidAdapter(f"archive entry {name!r}: only plain file names are accepted")
-    if path.name not in ALLOWED_FILES:
-        raise InvalidAdapter(f"archive entry {name!r} is not an adapter file")
-    return path.name
-
-
-def extract_upload(archive: Path, dest: Path, max_bytes: int) -> None:
-    """Unpack a .tar(.gz) or .zip adapter archive into dest: plain files only, size-limited."""
-    dest.mkdir(parents=True, exist_ok=False)
-    total = 0
-    if tarfile.is_tarfile(archive):
-        with tarfile.open(archive) as tar:
-            for member in tar.getmembers():
-                if not member.isfile():
-                    raise InvalidAdapter(f"archive entry {member.name!r} is not a regular file")
-                total += member.size
-                if total > max_bytes:
-                    raise InvalidAdapter(f"archive unpacks to over {max_bytes} bytes")
-                source = tar.extractfile(member)
-                assert source is not None  # a regular file always has content
-                (dest / _safe_member_name(member.name)).write_bytes(source.read())
-    elif zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            for info in zf.infolist():
-                if info.is_dir() or (info.external_attr >> 16) & 0o170000 == 0o120000:
-                    raise InvalidAdapter(f"archive entry {info.filename!r} is not a regular file")
-                total += info.file_size
-                if total > max_bytes:
-                    raise InvalidAdapter(f"archive unpacks to over {max_bytes} bytes")
-                (dest / _safe_member_name(info.filename)).write_bytes(zf.read(info))
-    else:
-        raise InvalidAdapter("upload is neither a tar nor a zip archive")

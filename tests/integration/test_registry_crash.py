@@ -16,15 +16,15 @@ import time
 import pytest
 
 from gateway.registry.artifacts import PAUSE_ENV
+from gateway.registry.base_model import BaseModelFacts
 from gateway.registry.service import Registration, Registry
-from gateway.registry.validate import BaseModelFacts
 
 CHILD = textwrap.dedent(
     """
     import asyncio, sys
     from pathlib import Path
     from gateway.registry.service import Registration, Registry
-    from gateway.registry.validate import BaseModelFacts
+    from gateway.registry.base_model import BaseModelFacts
 
     url, data, base, adapter = sys.argv[1:5]
     registry = Registry.open(url, Path(data), BaseModelFacts.from_folder(Path(base)), 16, 1 << 26)

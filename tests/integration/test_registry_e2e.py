@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from gateway.client import AdapterClient, AsyncClient
 from loraplex.v1 import adapters_pb2 as apb
 from tests.integration.hf_reference import hf_reference
+from tests.unit.foreign_adapters import FOREIGN, build_foreign_adapter
 
 pytestmark = pytest.mark.integration
 
@@ -137,3 +138,20 @@ async def test_concurrent_traffic_across_registry_versions_shares_batches(gatewa
         )
     outputs = {r.adapter.version: list(r.token_ids) for r in replies}
     assert outputs == {1: expected(hf, "alpha"), 2: expected(hf, "beta")}
+
+
+def test_an_adapter_for_another_base_never_reaches_the_engine(
+    gateway, registry, tiny_model, tmp_path
+):
+    """vLLM would copy a narrower LoRA into slices of its slots and serve nonsense with OK:
+    the real gateway refuses it at registration, whatever base it claims."""
+    before = [(a.name, len(a.versions)) for a in registry.list()]
+    for case in ("smaller hidden", "other vocab, lm_head LoRA"):
+        changes, targets, message = FOREIGN[case]
+        folder = build_foreign_adapter(tiny_model.base, tmp_path / case, changes, targets)
+        with pytest.raises(grpc.RpcError) as err:
+            registry.upload("foreign", folder)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in err.value.details()
+        assert str(tmp_path) not in err.value.details()
+    assert [(a.name, len(a.versions)) for a in registry.list()] == before

@@ -18,6 +18,7 @@ from gateway.domain import (
     Usage,
 )
 from gateway.errors import AdapterUnavailable
+from gateway.registry.base_model import BaseLayers
 
 INFO = EngineInfo(
     base_model="fake",
@@ -93,10 +94,33 @@ class FakeEngine:
         return None
 
 
+FAKE_HIDDEN = 32
+FAKE_MODULES = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj")
+FAKE_BASE = BaseLayers(
+    shapes={module: (FAKE_HIDDEN, FAKE_HIDDEN) for module in FAKE_MODULES},
+    modules=frozenset(FAKE_MODULES),
+)
+"""The layers of the fake engine's base, which make_adapter's adapters fit."""
+
+
+def write_lora_weights(folder: Path, rank: int, seed: int = 0) -> None:
+    """Real LoRA matrices for FAKE_BASE's q_proj and v_proj, in peft's safetensors layout."""
+    import torch
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for module in FAKE_MODULES:
+        prefix = f"base_model.model.{module}"
+        tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, FAKE_HIDDEN, generator=generator)
+        tensors[f"{prefix}.lora_B.weight"] = torch.randn(FAKE_HIDDEN, rank, generator=generator)
+    save_file(tensors, folder / "adapter_model.safetensors")
+
+
 def make_adapter(root: Path, name: str, rank: int = 8) -> None:
-    """A minimal peft-looking adapter folder (config + placeholder weights)."""
+    """A small peft adapter folder that fits FAKE_BASE."""
     folder = root / name
     folder.mkdir()
     config = {"peft_type": "LORA", "r": rank, "target_modules": ["q_proj", "v_proj"]}
     (folder / "adapter_config.json").write_text(json.dumps(config))
-    (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    write_lora_weights(folder, rank)

@@ -15,8 +15,8 @@ from gateway.key_service import KeyServicer
 from gateway.keys import KeyRing
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import GenerationPipeline
+from gateway.registry.base_model import BaseModelFacts
 from gateway.registry.service import Registry
-from gateway.registry.validate import BaseModelFacts
 from loraplex.v1 import adapters_pb2_grpc, generation_pb2_grpc, keys_pb2_grpc
 from tests.unit.fakes import FakeEngine
 
@@ -50,6 +50,7 @@ async def start_registry_server(
     credentials: grpc.ServerCredentials | None = None,
     admission: Admission | None = None,
     metrics: GatewayMetrics | None = None,
+    max_uploads: int = 2,
 ) -> RegistryServer:
     """Serve AdapterService + GenerationService on a free loopback port.
 
@@ -62,6 +63,7 @@ async def start_registry_server(
         BaseModelFacts.from_folder(base_dir),
         max_rank,
         max_bytes,
+        max_uploads,
     )
     await registry.view.refresh(force=True)
     engine = FakeEngine()

@@ -22,7 +22,7 @@ from gateway.generation import GenerationServicer
 from gateway.pipeline import GenerationPipeline
 from gateway.resolver import DirectoryResolver
 from loraplex.v1 import generation_pb2_grpc as pb_grpc
-from tests.unit.fakes import INFO, FakeEngine
+from tests.unit.fakes import FAKE_BASE, INFO, FakeEngine
 
 
 def score(token: int) -> float:
@@ -61,7 +61,7 @@ def gateway(tmp_path) -> Iterator[tuple[str, ScoringEngine]]:
     """A gateway servicer over the scoring engine, on its own event loop in a thread (the
     backend runs its own asyncio loops, as lm-eval calls it synchronously)."""
     engine = ScoringEngine()
-    pipeline = GenerationPipeline(engine, DirectoryResolver(tmp_path, 16))
+    pipeline = GenerationPipeline(engine, DirectoryResolver(tmp_path, 16, FAKE_BASE))
     loop = asyncio.new_event_loop()
     started = threading.Event()
     holder: dict = {}

@@ -16,7 +16,7 @@ from gateway.metrics import BASE, OTHER, AdapterLabels, AliasCollector, GatewayM
 from gateway.pipeline import GenerationPipeline
 from gateway.resolver import DirectoryResolver
 from loraplex.v1 import generation_pb2_grpc as pb_grpc
-from tests.unit.fakes import FakeEngine, make_adapter
+from tests.unit.fakes import FAKE_BASE, FakeEngine, make_adapter
 
 NAME = re.compile(r"loraplex_[a-z0-9_]+")
 UNITS = ("_seconds", "_bytes", "_total", "_info")  # the unit (or kind) suffixes in use
@@ -36,7 +36,7 @@ async def served(tmp_path):
     for name in ("alpha", "beta"):
         make_adapter(tmp_path, name)
     engine = FakeEngine()
-    resolver = DirectoryResolver(tmp_path, 16)
+    resolver = DirectoryResolver(tmp_path, 16, FAKE_BASE)
     registry = CollectorRegistry()
     metrics = GatewayMetrics(AdapterLabels(resolver.knows, cap=10), registry)
     pipeline = GenerationPipeline(engine, resolver)

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gateway.config import ConfigError, GatewayConfig
+from gateway.registry.base_model import BaseLayers
 from gateway.registry.fingerprint import base_fingerprint
 from tests.cli import run_loraplex
 from trainer.quantize import QuantizeError, quantize_base
@@ -47,8 +48,10 @@ def test_w8a8_config_is_what_vllm_reads(w8a8):
 
 
 def test_the_copy_is_the_same_base_for_adapters(w8a8, tiny_model):
-    """Adapters trained on the original register against the copy (same fingerprint)."""
+    """Adapters trained on the original register against the copy (same fingerprint, same
+    layer shapes for the registry's shape check)."""
     assert base_fingerprint(w8a8) == base_fingerprint(tiny_model.base)
+    assert BaseLayers.from_folder(w8a8) == BaseLayers.from_folder(tiny_model.base)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (w8a8 / name).read_bytes() == (tiny_model.base / name).read_bytes()
 
@@ -59,6 +62,8 @@ def test_w4a16_packs_groups_of_128(tiny_model, tmp_path):
     packed = tensors["model.layers.0.mlp.down_proj.weight_packed"]
     assert packed.dtype == torch.int32 and packed.shape == (256, 512 // 8)  # 8 values per int32
     assert tensors["model.layers.0.mlp.down_proj.weight_scale"].shape == (256, 512 // 128)
+    # packed layers keep their shape in compressed-tensors' weight_shape, which registration reads
+    assert BaseLayers.from_folder(out) == BaseLayers.from_folder(tiny_model.base)
 
 
 def test_refusals_leave_nothing_behind(w8a8, tiny_model, tmp_path):

@@ -52,6 +52,7 @@ def state(server):
         store.audit_events(limit=1000),
         sorted(p.name for p in artifacts.objects.iterdir()),
         sorted(p.name for p in artifacts.tmp.iterdir()),
+        sorted(p.name for p in server.registry.uploads.iterdir()),
     )
 
 

@@ -11,7 +11,7 @@ from gateway.pipeline import GenerationPipeline
 from gateway.resolver import DirectoryResolver
 from loraplex.v1 import generation_pb2 as pb
 from loraplex.v1 import generation_pb2_grpc as pb_grpc
-from tests.unit.fakes import FakeEngine, make_adapter
+from tests.unit.fakes import FAKE_BASE, FakeEngine, make_adapter
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ async def served(tmp_path):
     make_adapter(tmp_path, "alpha")
     make_adapter(tmp_path, "huge", rank=64)
     engine = FakeEngine()
-    state = {"pipeline": GenerationPipeline(engine, DirectoryResolver(tmp_path, 16))}
+    state = {"pipeline": GenerationPipeline(engine, DirectoryResolver(tmp_path, 16, FAKE_BASE))}
     server = grpc.aio.server()
     pb_grpc.add_GenerationServiceServicer_to_server(
         GenerationServicer(lambda: state["pipeline"]), server

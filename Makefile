@@ -8,7 +8,7 @@ SYS_STAMP := $(VENV)/.system-packages
 PG_LIB ?= /usr/lib/postgresql
 BUF := npx --yes @bufbuild/buf@1.75.0
 
-.PHONY: demo test lock check-env lint format protos check-protos buf-lint bench clean
+.PHONY: demo test test-unit lock check-env lint format docs protos check-protos buf-lint bench clean
 
 # The environment is installed from the lock (requirements/, made by `make lock` with uv), never
 # resolved on the day: every machine gets the packages CI tested, checked against their hashes.
@@ -78,18 +78,26 @@ check-env: $(STAMP)
 	$(PY) requirements/check.py env $(LOCK) requirements/uv.txt
 	$(PY) requirements/check.py lock
 
-test: $(SYS_STAMP) check-env
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+test: $(SYS_STAMP) check-env lint
 	$(PY) -m pytest
 
+# The fast half: unit tests only (fakes, in-process servers, a real PostgreSQL; no vLLM engine).
+test-unit: $(SYS_STAMP) check-env
+	$(PY) -m pytest tests/unit
+
+# ruff, and mypy over gateway/ (pyproject's [tool.mypy]: the Engine protocol's conformance too).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+# Regenerate what docs/ generates from the code (a test fails when it is out of date).
+docs: $(STAMP)
+	$(PY) -m gateway.config docs/configuration.md
 
 # Regenerate the committed gRPC code (tests fail if it differs from the .proto files).
 protos: $(STAMP)

@@ -43,8 +43,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from gateway.registry.fingerprint import base_fingerprint
-from gateway.registry.store import PRODUCTION, NewVersion, RegistryStore
+from gateway.contract import PRODUCTION, base_fingerprint
+from gateway.registry.records import NewVersion
+from gateway.registry.store import RegistryStore
 from gateway.registry.validate import WEIGHTS_FILE, AdapterFacts
 from gateway.registry.view import RegistryView
 
@@ -119,10 +120,10 @@ def build_model(workdir: Path) -> Any:
 
 
 def _registry_server_module() -> Any:
-    """tests.unit.registry_server (the repository root is not on sys.path for a script)."""
+    """tests.support.registry_server (the repository root is not on sys.path for a script)."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    return importlib.import_module("tests.unit.registry_server")
+    return importlib.import_module("tests.support.registry_server")
 
 
 async def _serve_until_told(base_dir: Path, data_dir: Path, conn: Connection) -> None:
@@ -496,7 +497,7 @@ def build_resolution_report(
             "resolve_batched": f"mean ns per lookup over batches of {args.batch} lookups",
             "references": "random name / name@candidate / name@vN (a third each), fresh str "
             "objects (uncached hashes)",
-            "rpcs": "sync grpc client in this process; server (tests.unit.registry_server: real "
+            "rpcs": "sync grpc client in this process; server (tests.support.registry_server: real "
             "gRPC + registry, fake engine) in a child process; one call at a time",
             "list_page100_random": "the small registry has only 10 adapters: it returns 10 per "
             "page where the large one returns 100",
@@ -737,7 +738,7 @@ def build_warmup_report(
         "kv_cache_gib": args.kv_cache_gib,
     }
     if args.fake_engine:
-        engine = "fake (tests.unit.fakes.FakeEngine): smoke test only, timings mean nothing"
+        engine = "fake (tests.support.fakes.FakeEngine): smoke test only, timings mean nothing"
     return {
         "benchmark": "registry_warmup",
         "created": datetime.now(UTC).isoformat(timespec="seconds"),

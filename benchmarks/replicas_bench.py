@@ -104,9 +104,9 @@ async def measure_propagation(
     config: GatewayConfig, model: TinyModel, promotions: int, logs: Path
 ) -> dict:
     """Promote through replica A, time until replica B serves the new version."""
-    sys.path.insert(0, str(REPO))  # tests.postgres: the throwaway PostgreSQL of the tests
+    sys.path.insert(0, str(REPO))  # tests.support.postgres: the throwaway PostgreSQL of the tests
     from gateway.client import AdapterClient, AsyncClient
-    from tests.postgres import PostgresServer
+    from tests.support.postgres import PostgresServer
 
     with PostgresServer() as postgres:
         shared = {

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
-import tarfile
 import tempfile
 import threading
 import time
@@ -23,6 +21,7 @@ from pathlib import Path
 
 from gateway.errors import LoraplexError
 from gateway.registry.service import Registration, Registry
+from tests.support.adapters import zero_bomb
 from trainer.tiny import build_tiny_model
 
 try:
@@ -34,26 +33,8 @@ MIB = 1 << 20
 ADAPTER_LIMIT = 1 << 30  # the gateway's default max_adapter_bytes
 
 
-class _Zeros(io.RawIOBase):
-    def __init__(self, size: int) -> None:
-        self.left = size
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
-        n = min(len(buffer), self.left)
-        buffer[:n] = bytes(n)
-        self.left -= n
-        return n
-
-
 def build_bomb(path: Path, member_bytes: int) -> bytes:
-    with tarfile.open(path, "w:gz", compresslevel=9) as tar:
-        for name in ("README.md", "adapter_model.safetensors"):
-            info = tarfile.TarInfo(name)
-            info.size = member_bytes
-            tar.addfile(info, io.BufferedReader(_Zeros(member_bytes), MIB))
+    zero_bomb(path, {"README.md": member_bytes, "adapter_model.safetensors": member_bytes})
     return path.read_bytes()
 
 

@@ -17,7 +17,8 @@ import typer
 from evalsuite.errors import EvalError, EvalInputError, describe_failure
 from evalsuite.fanout import DEFAULT_TIMEOUT_S
 from evalsuite.policy import DEFAULT_SAMPLING
-from gateway.cli_adapters import DEFAULT_TARGET, fail
+from gateway.console import DEFAULT_TARGET, fail
+from gateway.contract import PRODUCTION
 
 eval_app = typer.Typer(
     help="Evaluate adapters through the gateway (lm-eval, preference comparisons, the gate).",
@@ -57,6 +58,10 @@ def gate(
         bool, typer.Option("--promote", help="Move production to the candidate if it passes.")
     ] = False,
     actor: Annotated[str | None, typer.Option(help="Who runs the gate (audit log).")] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="key=value over the policy, e.g. limit=8; repeatable."),
+    ] = None,
 ) -> None:
     """Run the policy's benchmarks and comparison on the candidate, record the verdict, and with
     --promote move `production` to it only on pass (compare-and-swap)."""
@@ -64,7 +69,7 @@ def gate(
     from evalsuite.policy import load_policy
 
     try:
-        gate_policy = load_policy(policy)
+        gate_policy = load_policy(policy, overrides)
     except EvalInputError as exc:
         fail(str(exc), EXIT_ERROR)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -75,21 +80,18 @@ def gate(
         fail(f"gate failed: {type(exc).__name__}: {exc}", EXIT_ERROR)
     report = result.report
     typer.echo(
-        f"verdict: {result.verdict.upper()} for {(report['candidate'] or {}).get('ref', adapter)}"
+        f"verdict: {result.verdict.upper()} for {(report.candidate or {}).get('ref', adapter)}"
     )
-    for check in report["checks"]:
+    for check in report.checks:
         mark = "ok " if check["passed"] else ("FAIL" if check["required"] else "warn")
         typer.echo(f"  [{mark}] {check['name']}: {check['detail']}")
-    if report["error"]:
-        typer.echo(f"error: {report['error']}", err=True)
-    promotion = report["promotion"]
+    if report.error:
+        typer.echo(f"error: {report.error}", err=True)
     if promote:
-        if result.promoted:
-            typer.echo(
-                f"promoted: {report['adapter']} production -> v{report['candidate']['version']}"
-            )
+        if result.promoted and report.candidate is not None:
+            typer.echo(f"promoted: {report.adapter} production -> v{report.candidate['version']}")
         else:
-            why = promotion.get("error") or f"verdict {result.verdict}"
+            why = report.promotion.error or f"verdict {result.verdict}"
             typer.echo(f"not promoted: {why}", err=result.verdict == "pass")
     if result.report_paths:
         typer.echo(f"report: {result.report_paths[1]} (and {result.report_paths[0].name})")
@@ -146,7 +148,7 @@ def compare(
     baseline: Annotated[
         str,
         typer.Option(help="Baseline: production (the candidate's), base, or any reference."),
-    ] = "production",
+    ] = PRODUCTION,
     judge: Annotated[str, typer.Option(help="exact_match, rouge_l, reward_model, llm_judge.")] = (
         "exact_match"
     ),
@@ -176,8 +178,8 @@ def compare(
         fail("--export-human needs --key (kept away from the raters)", EXIT_ERROR)
     options = _options(judge_option, "--judge-option")
     sampling_options = DEFAULT_SAMPLING | _options(sampling, "--sampling")
-    if baseline == "production":
-        baseline = f"{candidate.partition('@')[0]}@production"
+    if baseline == PRODUCTION:
+        baseline = f"{candidate.partition('@')[0]}@{PRODUCTION}"
     elif baseline == "base":
         baseline = ""
     try:

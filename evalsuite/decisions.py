@@ -6,11 +6,10 @@ release can be read, and tested, on their own.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from evalsuite.policy import BenchmarkCheck, GatePolicy
-
-Verdict = Literal["pass", "fail", "error"]
+from gateway.contract import Verdict
 
 
 @dataclass(frozen=True)

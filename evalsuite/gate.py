@@ -20,11 +20,13 @@ from typing import Any
 import grpc
 
 from evalsuite.benchmarks import run_benchmarks
-from evalsuite.decisions import Check, Verdict, decide, policy_checks
+from evalsuite.decisions import Check, decide, policy_checks
 from evalsuite.errors import EvalInputError, describe_failure
-from evalsuite.pinning import PRODUCTION, GatePins, Pin, Pinner
+from evalsuite.gate_report import GateReport, Promotion
+from evalsuite.pinning import GatePins, Pin, Pinner
 from evalsuite.policy import GatePolicy
 from gateway.client import AdapterClient
+from gateway.contract import PRODUCTION, Verdict
 
 log = logging.getLogger(__name__)
 SUITE = "gate"
@@ -33,20 +35,26 @@ REGISTRY_TIMEOUT_S = 60.0  # a hung registry call must end the gate (as an error
 
 @dataclass
 class GateResult:
-    """What the gate decided and where the evidence is."""
+    """What the gate decided (its report holds the verdict) and where the evidence is."""
 
-    verdict: Verdict
-    report: dict[str, Any]
+    report: GateReport
     report_paths: tuple[Path, Path] | None = None
-    promoted: bool = False
     failed_checks: list[Check] = field(default_factory=list)
+
+    @property
+    def verdict(self) -> Verdict:
+        return self.report.verdict
+
+    @property
+    def promoted(self) -> bool:
+        return self.report.promotion.done
 
     @property
     def exit_code(self) -> int:
         """0 pass (and promoted, if asked), 1 fail, 2 error or a refused promotion."""
         if self.verdict != "pass":
             return 1 if self.verdict == "fail" else 2
-        return 2 if self.report["promotion"]["requested"] and not self.promoted else 0
+        return 2 if self.report.promotion.requested and not self.promoted else 0
 
 
 def build_preference(target: str, policy: GatePolicy, judge: Pin | None) -> tuple[Any, list[Any]]:
@@ -102,22 +110,13 @@ def run_gate(
     """Pin, evaluate, decide, report, record and (with `promote`, on pass) promote. Never raises
     for evaluation failures: they become verdict `error`."""
     started, clock = datetime.now(UTC), time.perf_counter()
-    report: dict[str, Any] = {
-        "adapter": adapter,
-        "candidate": None,
-        "production": None,
-        "baseline": None,
-        "judge_adapter": None,
-        "verdict": "error",
-        "error": None,
-        "started": started.isoformat(),
-        "policy": policy.model_dump(mode="json"),
-        "benchmarks": [],
-        "preference": None,
-        "checks": [],
-        "promotion": {"requested": promote, "done": False},
-    }
-    result = GateResult("error", report)
+    report = GateReport(
+        adapter=adapter,
+        policy=policy.model_dump(mode="json"),
+        started=started.isoformat(),
+        promotion=Promotion(requested=promote),
+    )
+    result = GateResult(report)
     registry = AdapterClient(target, actor=actor, timeout=REGISTRY_TIMEOUT_S)
     candidate: Pin | None = None
     try:
@@ -125,18 +124,17 @@ def run_gate(
             raise EvalInputError("a policy with `limit` is a smoke run: it cannot --promote")
         pinner = Pinner(registry)
         candidate = pinner.candidate(adapter)  # from here on, there is a version to record on
-        report["adapter"], report["candidate"] = candidate.name, candidate.to_dict()
+        report.adapter, report.candidate = candidate.name, candidate.to_dict()
         pins = pinner.gate(candidate, policy)
-        report.update(pins.to_report())
+        report.pin(pins.to_report())
         checks = _evaluate(target, pins, policy, report)
-        report["checks"] = [asdict(c) for c in checks]
-        result.verdict, result.failed_checks = decide(checks)
+        report.checks = [asdict(c) for c in checks]
+        report.verdict, result.failed_checks = decide(checks)
     except Exception as exc:  # every failure is verdict "error": never a pass
         log.exception("gate error")
-        report["error"] = describe_failure(exc, target)
-    report["verdict"] = result.verdict
-    report["finished"] = datetime.now(UTC).isoformat()
-    report["wall_seconds"] = round(time.perf_counter() - clock, 2)
+        report.verdict, report.error = "error", describe_failure(exc, target)
+    report.finished = datetime.now(UTC).isoformat()
+    report.wall_seconds = round(time.perf_counter() - clock, 2)
     try:
         _record_and_promote(registry, candidate, result, promote, out_dir)
     finally:
@@ -144,9 +142,7 @@ def run_gate(
     return result
 
 
-def _evaluate(
-    target: str, pins: GatePins, policy: GatePolicy, report: dict[str, Any]
-) -> list[Check]:
+def _evaluate(target: str, pins: GatePins, policy: GatePolicy, report: GateReport) -> list[Check]:
     """Run what the policy asks for on the pinned versions, fill the report, return the checks."""
     systems = {"candidate": pins.candidate.ref}
     vs_production = any(b.max_regression_vs_production is not None for b in policy.benchmarks)
@@ -165,7 +161,7 @@ def _evaluate(
         for role, reference in systems.items():
             log.info("benchmarks for %s (%s)", role, reference or "base")
             scores[role], directions = run_benchmarks(target, reference, policy)
-    report["benchmarks"] = [
+    report.benchmarks = [
         {
             "task": bench.task,
             "metric": bench.metric,
@@ -178,10 +174,10 @@ def _evaluate(
     summary = None
     if preference is not None:
         assert pins.baseline is not None
-        report["preference"] = run_preference(
+        report.preference = run_preference(
             target, pins.candidate.ref, pins.baseline.ref, policy, *preference
         )
-        summary = report["preference"]["summary"]
+        summary = report.preference["summary"]
     return policy_checks(policy, scores, directions, summary)
 
 
@@ -203,45 +199,33 @@ def _record_and_promote(
         try:
             result.report_paths = write_report(report, out_dir)
         except OSError as exc:
-            result.verdict = report["verdict"] = "error"
-            report["error"] = f"cannot write the report to {out_dir}: {exc}"
+            report.verdict = "error"
+            report.error = f"cannot write the report to {out_dir}: {exc}"
             html = None
     if candidate is None:
         return  # nothing resolved: no version to record on
-    summary = {
-        k: report[k]
-        for k in (
-            "verdict", "error", "candidate", "production", "baseline", "judge_adapter",
-            "benchmarks", "checks",
-        )
-    }  # fmt: skip
-    if report["preference"]:
-        summary["preference"] = {
-            k: report["preference"][k]
-            for k in ("judge", "candidate_version", "baseline_version", "summary")
-        }
-    summary["report"] = str(html) if html else None
+    summary = report.registry_summary(str(html) if html else None)
     try:
         registry.record_evaluation(
-            candidate.name, candidate.version, SUITE, result.verdict, summary
+            candidate.name, candidate.version, SUITE, report.verdict, summary
         )
-        report["recorded"] = True
+        report.recorded = True
     except grpc.RpcError as exc:  # the exit code says error either way; nothing is promoted
-        report["recorded"] = False
-        report["record_error"] = describe_failure(exc, "registry")
-        if result.verdict == "pass":
-            result.verdict = report["verdict"] = "error"
-            report["error"] = f"verdict not recorded: {report['record_error']}"
-    if promote and result.verdict == "pass":
-        production = (report["production"] or {}).get("version")
+        report.recorded = False
+        report.record_error = describe_failure(exc, "registry")
+        if report.verdict == "pass":
+            report.verdict = "error"
+            report.error = f"verdict not recorded: {report.record_error}"
+    if promote and report.verdict == "pass":
+        production = (report.production or {}).get("version")
         try:
             registry.set_alias(
                 candidate.name, PRODUCTION, candidate.version, expected=production or 0,
                 reason=f"gate pass ({html or 'no report file'})",
             )  # fmt: skip
-            result.promoted = report["promotion"]["done"] = True
+            report.promotion.done = True
         except grpc.RpcError as exc:
-            report["promotion"]["error"] = describe_failure(exc, "registry")
+            report.promotion.error = describe_failure(exc, "registry")
     if result.report_paths is not None and out_dir is not None:
         try:
             result.report_paths = write_report(report, out_dir)

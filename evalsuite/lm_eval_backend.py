@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from evalsuite.errors import EvalError, EvalInputError
 from evalsuite.fanout import DEFAULT_TIMEOUT_S, check_finished, served_version
-from gateway.client import _SAMPLING, AsyncClient, Client
-from gateway.pipeline import MAX_LOGPROB_TOKEN_IDS as MAX_SCORED_TOKENS
+from gateway.client import SAMPLING_FIELDS, AsyncClient, Client
+from gateway.contract import MAX_SCORED_TOKEN_IDS as MAX_SCORED_TOKENS
 from loraplex.v1 import generation_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -315,8 +315,8 @@ class LoraplexLM(TemplateLM):
                 max_gen_toks=int(options["max_gen_toks"]),
                 max_model_len=self.max_length,
             )
-            sampling = {k: v for k, v in options.items() if k in _SAMPLING}
-            ignored = set(options) - _SAMPLING - _HANDLED_GEN_KWARGS
+            sampling = {k: v for k, v in options.items() if k in SAMPLING_FIELDS}
+            ignored = set(options) - SAMPLING_FIELDS - _HANDLED_GEN_KWARGS
             if ignored:
                 log.warning("loraplex backend ignores generation kwargs %s", sorted(ignored))
             if not options.get("do_sample", False):

@@ -13,9 +13,9 @@ from typing import Any
 from evalsuite.errors import EvalInputError
 from evalsuite.policy import GatePolicy
 from gateway.client import AdapterClient
+from gateway.contract import PRODUCTION
 from loraplex.v1 import adapters_pb2 as apb
 
-PRODUCTION = "production"
 _VERSION = re.compile(r"v(\d+)")
 
 

@@ -26,12 +26,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from evalsuite.errors import EvalInputError
 from evalsuite.fanout import DEFAULT_TIMEOUT_S
-from trainer.config import describe_validation_error
+from gateway.config_files import SettingsFileError, apply_overrides, read_mapping, validate
 
 # Greedy and short unless the policy says otherwise: comparisons must be reproducible.
 DEFAULT_SAMPLING: dict[str, Any] = {"temperature": 0.0, "max_tokens": 64}
@@ -138,10 +137,9 @@ def parse_policy(data: Any, base_dir: Path | None = None) -> GatePolicy:
     if not isinstance(data, dict):
         raise EvalInputError("a gate policy must be a mapping (benchmarks:, preference:, ...)")
     try:
-        policy = GatePolicy.model_validate(data)
-    except ValidationError as exc:
-        problems = describe_validation_error(GatePolicy, exc)
-        raise EvalInputError(f"invalid gate policy:\n{problems}") from None
+        policy = validate(GatePolicy, data, "gate policy")
+    except SettingsFileError as exc:
+        raise EvalInputError(str(exc)) from None
     if base_dir is None:
         return policy
     preference = policy.preference
@@ -157,14 +155,13 @@ def parse_policy(data: Any, base_dir: Path | None = None) -> GatePolicy:
     )
 
 
-def load_policy(path: Path) -> GatePolicy:
-    """Read and validate a policy file; every problem is listed, with did-you-mean for typos."""
+def load_policy(path: Path, overrides: list[str] | None = None) -> GatePolicy:
+    """Read and validate a policy file after `--set` overrides; every problem is listed, with
+    did-you-mean for typos."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise EvalInputError(f"cannot read policy {path}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise EvalInputError(f"{path} is not valid YAML: {exc}") from None
+        data = apply_overrides(read_mapping(path, "policy"), overrides or [])
+    except SettingsFileError as exc:
+        raise EvalInputError(str(exc)) from None
     policy = parse_policy(data, Path(path).resolve().parent)
     missing = [p for p in policy.include_paths if not p.is_dir()]
     if policy.preference is not None and not policy.preference.prompts.is_file():

@@ -19,7 +19,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from evalsuite.gate_report import GateReport
 from evalsuite.stats import OUTCOME_LOSS, OUTCOME_TIE, OUTCOME_WIN
+from gateway.contract import VERDICTS
 
 MAX_EXAMPLES = 5  # per side (wins, losses): enough to see a pattern, short enough to read
 MAX_TEXT_CHARS = 4000  # longer prompts/answers are cut on the page; report.json keeps them whole
@@ -183,7 +185,7 @@ def _header(report: dict) -> str:
     if wall is not None:
         timing.append(f"{wall:.1f} s")
     verdict = str(report.get("verdict") or "unknown")
-    kind = verdict if verdict in ("pass", "fail", "error") else "unknown"
+    kind = verdict if verdict in VERDICTS else "unknown"
     parts = [
         "<header><div>",
         f"<h1>Promotion gate: {_esc(adapter if adapter is not None else '?')}</h1>",
@@ -539,7 +541,8 @@ def _policy(report: dict) -> str:
 
 
 def render_html(report: dict) -> str:
-    """The report as one self-contained HTML page; missing optional parts are simply left out."""
+    """A report's JSON form (`GateReport.to_dict`, or a report.json read back) as one
+    self-contained HTML page; missing optional parts are simply left out."""
     title = f"{report.get('adapter', '?')}: {str(report.get('verdict') or 'unknown').upper()}"
     return (
         "<!DOCTYPE html>\n"
@@ -569,13 +572,14 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
+def write_report(report: GateReport, out_dir: Path) -> tuple[Path, Path]:
     """Write out_dir/report.json and out_dir/report.html (both rendered before either is written,
     so a rendering error leaves the previous pair intact); returns (json_path, html_path)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
-    html_text = render_html(report)
+    data = report.to_dict()
+    json_text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    html_text = render_html(data)
     json_path, html_path = out_dir / "report.json", out_dir / "report.html"
     _write_atomic(json_path, json_text)
     _write_atomic(html_path, html_text)

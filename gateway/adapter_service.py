@@ -6,6 +6,7 @@ The work happens in `gateway.registry.service.Registry`; errors are mapped by `g
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -19,30 +20,24 @@ from gateway.auth import (
     require_unrestricted,
     visible,
 )
+from gateway.contract import VERDICT_FROM_PB, VERDICT_TO_PB
 from gateway.errors import EngineUnavailable, InvalidRequest, NotSupported, grpc_errors
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import GenerationPipeline
-from gateway.registry.service import Registration, Registry
-from gateway.registry.store import (
+from gateway.registry.records import (
     AdapterRecord,
     AliasMove,
     AuditEvent,
     EvaluationRecord,
-    Verdict,
     VersionRecord,
 )
+from gateway.registry.service import Registration, Registry
 from loraplex.v1 import adapters_pb2 as pb
 from loraplex.v1 import adapters_pb2_grpc as pb_grpc
 
 ACTOR_METADATA = "loraplex-actor"
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
-VERDICT_OF: dict[int, Verdict] = {
-    pb.VERDICT_PASS: "pass",
-    pb.VERDICT_FAIL: "fail",
-    pb.VERDICT_ERROR: "error",
-}
-VERDICT_PB = {verdict: value for value, verdict in VERDICT_OF.items()}
 
 
 def _limit(field: str, value: int) -> int:
@@ -65,9 +60,9 @@ def actor_of(context: grpc.aio.ServicerContext) -> str:
     return claimed or f"anonymous@{context.peer()}"
 
 
-def to_timestamp(value: object) -> timestamp_pb2.Timestamp:
+def to_timestamp(value: dt.datetime) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)  # type: ignore[arg-type]
+    stamp.FromDatetime(value)
     return stamp
 
 
@@ -85,7 +80,7 @@ def evaluation_to_pb(e: EvaluationRecord) -> pb.Evaluation:
     return pb.Evaluation(
         id=e.id,
         suite=e.suite,
-        verdict=VERDICT_PB[e.verdict],
+        verdict=VERDICT_TO_PB[e.verdict],
         report=_struct(e.report),
         actor=e.actor,
         create_time=to_timestamp(e.created_at),
@@ -358,9 +353,9 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
             request.adapter, request.version, actor_of(context), request.reason, in_flight
         )
         # kept files mean another version (maybe another tenant's) has the same weights
-        key = current_key.get()
+        caller = current_key.get()
         return pb.DeleteVersionResponse(
-            artifact_removed=removed or not (key is None or key.unrestricted)
+            artifact_removed=removed or not (caller is None or caller.unrestricted)
         )
 
     @grpc_errors
@@ -368,7 +363,7 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
         self, request: pb.RecordEvaluationRequest, context: grpc.aio.ServicerContext
     ) -> pb.RecordEvaluationResponse:
         require_adapter(request.adapter)
-        verdict = VERDICT_OF.get(request.verdict)
+        verdict = VERDICT_FROM_PB.get(request.verdict)
         if verdict is None:  # unset, or a value this gateway does not know
             raise InvalidRequest("verdict", "say VERDICT_PASS, VERDICT_FAIL or VERDICT_ERROR")
         record = await self._reg().record_evaluation(

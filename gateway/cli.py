@@ -1,32 +1,56 @@
-"""The `loraplex` command. Heavy modules (vLLM, torch, trainer) are imported lazily per command."""
+"""The `loraplex` command: its one composition root. Every subcommand group (adapters, keys,
+train, eval) and every heavy module (vLLM, torch, trl, lm-eval) is imported when its command
+runs, so `loraplex adapters list` never loads a trainer."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
 
 import typer
 from google.protobuf.json_format import MessageToDict
+from pydantic.fields import FieldInfo
+from typer.core import TyperGroup
 
-from evalsuite.cli import eval_app
-from gateway.cli_adapters import adapters_app
-from gateway.cli_keys import keys_app
-from trainer.cli import train_app
+from gateway.config import GatewayConfig
+from gateway.console import Target
+
+SUBCOMMAND_GROUPS = {
+    "adapters": "gateway.cli_adapters:adapters_app",
+    "keys": "gateway.cli_keys:keys_app",
+    "train": "trainer.cli:train_app",
+    "eval": "evalsuite.cli:eval_app",
+}
+"""Subcommand groups, as `module:Typer app`, imported only when named."""
+
+
+class _LazyGroups(TyperGroup):
+    """The root command group: SUBCOMMAND_GROUPS are loaded when they are invoked (or listed)."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return sorted([*super().list_commands(ctx), *SUBCOMMAND_GROUPS])
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        if cmd_name not in SUBCOMMAND_GROUPS:
+            return super().get_command(ctx, cmd_name)
+        module, attribute = SUBCOMMAND_GROUPS[cmd_name].split(":")
+        group = typer.main.get_command(getattr(importlib.import_module(module), attribute))
+        group.name = cmd_name
+        return group
+
 
 app = typer.Typer(
+    cls=_LazyGroups,
     help="loraplex: serve many LoRA adapters on one base model over gRPC, on vLLM.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-app.add_typer(adapters_app, name="adapters")
-app.add_typer(keys_app, name="keys")
-app.add_typer(train_app, name="train")
-app.add_typer(eval_app, name="eval")
-
-Target = Annotated[str, typer.Option("--target", help="Gateway address host:port.")]
 
 
 def _setup_logging(level: str) -> None:
@@ -37,48 +61,26 @@ def _setup_logging(level: str) -> None:
     )
 
 
-@app.command()
-def serve(
-    config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
-    model: Annotated[str | None, typer.Option(help="Base model folder.")] = None,
-    adapters_dir: Annotated[
-        Path | None, typer.Option(help="Directory mode: a folder of adapter folders.")
-    ] = None,
-    data_dir: Annotated[
-        Path | None, typer.Option(help="Registry mode: registry database and artifacts.")
-    ] = None,
-    registry_url: Annotated[
-        str | None, typer.Option(help="Registry database URL (default SQLite in data-dir).")
-    ] = None,
-    quantization: Annotated[
-        str | None,
-        typer.Option(help="vLLM quantization method; unset: what the checkpoint declares."),
-    ] = None,
-    dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16, float16.")] = None,
-    host: Annotated[str | None, typer.Option(help="Listen address.")] = None,
-    port: Annotated[int | None, typer.Option(help="gRPC port.")] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="Prometheus /metrics port.")] = None,
-    max_loras: Annotated[int | None, typer.Option(help="Adapters per batch.")] = None,
-    max_cpu_loras: Annotated[int | None, typer.Option(help="Adapters cached on CPU.")] = None,
-    max_lora_rank: Annotated[int | None, typer.Option(help="Largest LoRA rank.")] = None,
-    max_model_len: Annotated[int | None, typer.Option(help="Context length.")] = None,
-    kv_cache_space_gib: Annotated[float | None, typer.Option(help="CPU KV cache GiB.")] = None,
-    cpu_reserved_cores: Annotated[
-        int | None, typer.Option(help="CPU cores kept free of compute threads (0: none).")
-    ] = None,
-    engine_spin_wait: Annotated[
-        bool | None, typer.Option(help="Engine processes busy-wait between steps.")
-    ] = None,
-    enforce_eager: Annotated[bool | None, typer.Option(help="Skip compilation.")] = None,
-    grace_period_s: Annotated[float | None, typer.Option(help="Drain time on SIGTERM.")] = None,
-    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
-) -> None:
-    """Start the gateway (settings: config file < LORAPLEX_* env < flags)."""
-    flags = {k: v for k, v in locals().items() if k != "config"}
+def _serve_option(name: str, field: FieldInfo) -> inspect.Parameter:
+    """A `serve` flag from a GatewayConfig field: its type and its doc line as the help."""
+    annotation: Any = field.annotation
+    if not (get_origin(annotation) in (Union, UnionType) and type(None) in get_args(annotation)):
+        annotation = annotation | None  # unset: the file's, the environment's or the default
+    help_text = " ".join((field.description or "").split())
+    return inspect.Parameter(
+        name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[annotation, typer.Option(help=help_text)],
+    )
+
+
+def serve(config: Path | None, overrides: list[str] | None, **flags: Any) -> None:
+    """Start the gateway (settings: config file < LORAPLEX_* env < --set < flags)."""
     from gateway.config import ConfigError, load_config
 
     try:
-        settings = load_config(config, **flags)
+        settings = load_config(config, overrides, **flags)
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -91,6 +93,33 @@ def serve(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     raise typer.Exit(code)
+
+
+# One flag per GatewayConfig field, generated with its doc line: no hand-written copy.
+serve.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[Path | None, typer.Option(help="YAML config file.")],
+        ),
+        inspect.Parameter(
+            "overrides",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                list[str] | None,
+                typer.Option(
+                    "--set",
+                    help="key=value (a YAML value) over the file and environment; repeatable.",
+                ),
+            ],
+        ),
+        *(_serve_option(name, field) for name, field in GatewayConfig.model_fields.items()),
+    ]
+)
+app.command("serve")(serve)
 
 
 @app.command("tiny-model")

@@ -2,36 +2,30 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
-import grpc
 import typer
 from google.protobuf.json_format import MessageToDict
-from google.protobuf.message import Message
-from google.protobuf.timestamp_pb2 import Timestamp
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
-from gateway.client import VERDICTS, AdapterClient
+from gateway.console import (
+    DEFAULT_TARGET,
+    Target,
+    connect,
+    fail,
+    format_aliases,
+    format_size,
+    format_time,
+    format_verdicts,
+    print_json,
+    print_registered,
+    print_table,
+)
+from gateway.contract import PRODUCTION, VERDICTS
 from loraplex.v1 import adapters_pb2 as pb
-
-EXIT_CODES = {
-    grpc.StatusCode.INVALID_ARGUMENT: 2,
-    grpc.StatusCode.NOT_FOUND: 3,
-    grpc.StatusCode.FAILED_PRECONDITION: 4,
-    grpc.StatusCode.ABORTED: 4,
-    grpc.StatusCode.UNAVAILABLE: 5,
-    grpc.StatusCode.UNAUTHENTICATED: 6,
-    grpc.StatusCode.PERMISSION_DENIED: 6,
-}
-_UNREACHABLE = ("failed to connect", "dns resolution failed", "connection refused")
 
 adapters_app = typer.Typer(
     help="""Manage the adapter registry of a running gateway: versions, aliases, evaluations.
@@ -47,7 +41,6 @@ adapters_app = typer.Typer(
     no_args_is_help=True,
 )
 
-Target = Annotated[str, typer.Option("--target", help="Gateway address host:port.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 Actor = Annotated[
     str | None,
@@ -62,7 +55,6 @@ Description = Annotated[str, typer.Option(help="What the adapter is for.")]
 Owner = Annotated[str, typer.Option(help="Team or person responsible.")]
 NewAlias = Annotated[str, typer.Option("--alias", help="Alias to point at it, e.g. candidate.")]
 Metadata = Annotated[str | None, typer.Option(help="JSON object, or @file.")]
-DEFAULT_TARGET = "localhost:50051"
 
 
 def _parse_version(value: str) -> int:
@@ -76,47 +68,6 @@ Version = Annotated[int, typer.Argument(parser=_parse_version, help="Version: 2 
 
 
 # ---------------------------------------------------------------- plumbing
-
-
-def fail(message: str, code: int) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-@contextmanager
-def rpc_errors(target: str) -> Iterator[None]:
-    """RPC errors become `error: CODE: details` on stderr and a documented exit code."""
-    try:
-        yield
-    except grpc.RpcError as exc:
-        code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
-        details: str = exc.details() or ""  # type: ignore[attr-defined]
-        if code == grpc.StatusCode.UNAVAILABLE and any(
-            marker in details.lower() for marker in _UNREACHABLE
-        ):
-            details = f"cannot reach the gateway at {target} ({details})"
-        fail(f"{code.name}: {details}", EXIT_CODES.get(code, 1))
-
-
-@contextmanager
-def _connect(target: str, actor: str | None = None) -> Iterator[AdapterClient]:
-    """An AdapterClient whose RPC errors become messages and exit codes (`rpc_errors`)."""
-    with rpc_errors(target), AdapterClient(target, actor) as client:
-        yield client
-
-
-def _dict(message: Message) -> dict[str, Any]:
-    return MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-
-
-def print_json(value: Message | Iterable[Message] | dict) -> None:
-    if isinstance(value, Message):
-        value = _dict(value)
-    elif not isinstance(value, dict):
-        value = [_dict(m) for m in value]
-    typer.echo(json.dumps(value, indent=2))
 
 
 def _json_object(value: str | None, option: str) -> dict | None:
@@ -133,38 +84,9 @@ def _json_object(value: str | None, option: str) -> dict | None:
     return parsed
 
 
-def print_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
-    table = Table(*columns, title=title, title_justify="left")
-    for row in rows:
-        table.add_row(*(Text(cell) for cell in row))  # Text: no markup in user strings
-    Console().print(table)
-
-
-def format_time(stamp: Timestamp) -> str:
-    return stamp.ToDatetime(dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
 def _residency(value: int) -> str:
     name = pb.Residency.Name(value).removeprefix("RESIDENCY_").lower()
     return "-" if name == "unspecified" else name.replace("_cached", "")
-
-
-def _aliases(aliases: Mapping[str, int]) -> str:
-    return ", ".join(f"{a}=v{v}" for a, v in sorted(aliases.items())) or "-"
-
-
-def _verdicts(version: pb.AdapterVersion) -> str:
-    verdict = {pb.VERDICT_PASS: "pass", pb.VERDICT_FAIL: "fail", pb.VERDICT_ERROR: "error"}
-    return ", ".join(f"{e.suite}={verdict.get(e.verdict, '?')}" for e in version.evaluations) or "-"
 
 
 def _version_rows(versions: Iterable[pb.AdapterVersion]) -> Iterator[list[str]]:
@@ -173,11 +95,11 @@ def _version_rows(versions: Iterable[pb.AdapterVersion]) -> Iterator[list[str]]:
             f"v{v.version}",
             str(v.rank),
             f"{v.alpha:g}",
-            _size(v.size_bytes),
+            format_size(v.size_bytes),
             v.sha256[:12],
             ", ".join(v.aliases) or "-",
             _residency(v.residency),
-            _verdicts(v),
+            format_verdicts(v),
             format_time(v.create_time),
             v.actor,
         ]
@@ -205,14 +127,6 @@ def _print_move(move: pb.AliasMove) -> None:
     )
 
 
-def _print_registered(version: pb.AdapterVersion) -> None:
-    aliased = f" as {', '.join(version.aliases)}" if version.aliases else ""
-    typer.echo(
-        f"registered {version.adapter}@v{version.version}{aliased} "
-        f"(rank {version.rank}, {_size(version.size_bytes)}, sha256 {version.sha256[:12]})"
-    )
-
-
 # ---------------------------------------------------------------- commands
 
 
@@ -237,12 +151,12 @@ def register(
     if not local.is_absolute() and local.exists():
         path = str(local.resolve())
     extra = _json_object(metadata, "--metadata")
-    with _connect(target, actor) as client:
+    with connect(target, actor) as client:
         version = client.register(name, path, description, owner, extra, source, alias)
     if as_json:
         print_json(version)
     else:
-        _print_registered(version)
+        print_registered(version)
 
 
 @adapters_app.command()
@@ -262,7 +176,7 @@ def upload(
     if not path.exists():
         fail(f"{path} does not exist", 2)
     extra = _json_object(metadata, "--metadata")
-    with _connect(target, actor) as client:
+    with connect(target, actor) as client:
         try:
             version = client.upload(name, path, description, owner, extra, source, alias)
         except (OSError, ValueError) as exc:
@@ -270,13 +184,13 @@ def upload(
     if as_json:
         print_json(version)
     else:
-        _print_registered(version)
+        print_registered(version)
 
 
 @adapters_app.command("list")
 def list_adapters(target: Target = DEFAULT_TARGET, as_json: AsJson = False) -> None:
     """List adapters: owner, aliases, versions and where their weights are."""
-    with _connect(target) as client:
+    with connect(target) as client:
         adapters = [*client.list()]
     if as_json:
         print_json(adapters)
@@ -290,7 +204,7 @@ def list_adapters(target: Target = DEFAULT_TARGET, as_json: AsJson = False) -> N
         None,
         ("name", "owner", "aliases", "versions", "residency"),
         (
-            [a.name, a.owner or "-", _aliases(a.aliases), str(len(a.versions)), residency(a)]
+            [a.name, a.owner or "-", format_aliases(a.aliases), str(len(a.versions)), residency(a)]
             for a in adapters
         ),
     )
@@ -299,21 +213,21 @@ def list_adapters(target: Target = DEFAULT_TARGET, as_json: AsJson = False) -> N
 @adapters_app.command()
 def show(name: Name, target: Target = DEFAULT_TARGET, as_json: AsJson = False) -> None:
     """Show one adapter with its versions, aliases and evaluations."""
-    with _connect(target) as client:
+    with connect(target) as client:
         adapter = client.get(name)
     if as_json:
         print_json(adapter)
         return
     typer.echo(f"{adapter.name}: {adapter.description or '(no description)'}")
     typer.echo(f"owner: {adapter.owner or '-'}   created: {format_time(adapter.create_time)}")
-    typer.echo(f"aliases: {_aliases(adapter.aliases)}")
+    typer.echo(f"aliases: {format_aliases(adapter.aliases)}")
     print_table(None, VERSION_COLUMNS, _version_rows(adapter.versions))
 
 
 @adapters_app.command()
 def versions(name: Name, target: Target = DEFAULT_TARGET, as_json: AsJson = False) -> None:
     """List the live versions of an adapter, oldest first."""
-    with _connect(target) as client:
+    with connect(target) as client:
         found = client.versions(name)
     if as_json:
         print_json(found)
@@ -325,7 +239,7 @@ def versions(name: Name, target: Target = DEFAULT_TARGET, as_json: AsJson = Fals
 def promote(
     name: Name,
     version: Version,
-    alias: Alias = "production",
+    alias: Alias = PRODUCTION,
     expect: Annotated[
         int | None,
         typer.Option(help="Version the alias must hold now, 0 for none (default: read it)."),
@@ -345,7 +259,7 @@ def promote(
 
     Without --expect the alias's current version is read first; a concurrent move exits 4.
     """
-    with _connect(target, actor) as client:
+    with connect(target, actor) as client:
         if expect is None:
             expect = client.get(name).aliases.get(alias, 0)
         move = client.set_alias(name, alias, version, expect, reason, force)
@@ -358,7 +272,7 @@ def promote(
 @adapters_app.command()
 def rollback(
     name: Name,
-    alias: Alias = "production",
+    alias: Alias = PRODUCTION,
     reason: Reason = "",
     force: Annotated[
         bool, typer.Option("--force", help="Needed when that version has no passing evaluation.")
@@ -371,7 +285,7 @@ def rollback(
 
     Rolling back twice returns to where you started.
     """
-    with _connect(target, actor) as client:
+    with connect(target, actor) as client:
         latest = client.history(name, alias, limit=1)
         if not latest or not latest[0].from_version:
             fail(f"{name}@{alias} held no version before its latest move; nothing to roll back", 1)
@@ -395,7 +309,7 @@ def delete(
     as_json: AsJson = False,
 ) -> None:
     """Delete a version (refused while an alias points to it); its number is never reused."""
-    with _connect(target, actor) as client:
+    with connect(target, actor) as client:
         removed = client.delete(name, version, reason)
     if as_json:
         print_json({"adapter": name, "version": version, "artifact_removed": removed})
@@ -413,7 +327,7 @@ def history(
     as_json: AsJson = False,
 ) -> None:
     """Show alias moves, newest first."""
-    with _connect(target) as client:
+    with connect(target) as client:
         moves = client.history(name, alias, limit)
     if as_json:
         print_json(moves)
@@ -453,7 +367,7 @@ def evaluate(
     if verdict not in VERDICTS:
         fail(f"--verdict must be one of {', '.join(VERDICTS)}, got {verdict!r}", 2)
     body = _json_object(report, "--report") or {}
-    with _connect(target, actor) as client:
+    with connect(target, actor) as client:
         evaluation = client.record_evaluation(name, version, suite, verdict, body)
     if as_json:
         print_json(evaluation)
@@ -469,7 +383,7 @@ def audit(
     as_json: AsJson = False,
 ) -> None:
     """Show registry changes (register, set_alias, delete_version, ...), newest first."""
-    with _connect(target) as client:
+    with connect(target) as client:
         events = client.audit(adapter, limit)
     if as_json:
         print_json(events)

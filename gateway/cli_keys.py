@@ -15,8 +15,8 @@ from typing import Annotated
 
 import typer
 
-from gateway.cli_adapters import EXIT_CODES, fail, format_time, print_json, print_table, rpc_errors
 from gateway.client import KeyClient, default_actor
+from gateway.console import EXIT_CODES, fail, format_time, print_json, print_table, rpc_errors
 from gateway.errors import LoraplexError
 from gateway.key_service import key_to_pb
 from gateway.keys import KeyStore

@@ -5,13 +5,13 @@ Environment variables are ``LORAPLEX_<FIELD>`` (e.g. ``LORAPLEX_PORT=50052``).
 
 from __future__ import annotations
 
-import difflib
 import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gateway.config_files import SettingsFileError, apply_overrides, read_mapping, validate
 
 ENV_PREFIX = "LORAPLEX_"
 
@@ -182,33 +182,50 @@ def _env_values() -> dict[str, str]:
     return values
 
 
-def _check_known_keys(values: dict[str, Any], source: str) -> None:
-    known = list(GatewayConfig.model_fields)
-    for key in values:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{source}: unknown setting {key!r}{hint}")
-
-
-def load_config(config_file: Path | None = None, **overrides: Any) -> GatewayConfig:
-    """Merge the YAML file, environment and explicit overrides (flags), later ones winning."""
-    file_values: dict[str, Any] = {}
-    if config_file is not None:
-        try:
-            file_values = yaml.safe_load(config_file.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
-        if not isinstance(file_values, dict):
-            raise ConfigError(f"{config_file}: expected a mapping of settings")
-        _check_known_keys(file_values, str(config_file))
-    flags = {k: v for k, v in overrides.items() if v is not None}
-    _check_known_keys(flags, "flags")
+def load_config(
+    config_file: Path | None = None, overrides: list[str] | None = None, **flags: Any
+) -> GatewayConfig:
+    """Merge the YAML file, the environment, `--set` overrides and flags, later ones winning;
+    unset flags (None) are left out."""
     try:
-        return GatewayConfig.model_validate({**file_values, **_env_values(), **flags})
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise ConfigError(f"invalid configuration: {problems}") from exc
+        values = read_mapping(config_file, "config file") if config_file is not None else {}
+        values |= _env_values()
+        apply_overrides(values, overrides or [])
+        values |= {k: v for k, v in flags.items() if v is not None}
+        return validate(GatewayConfig, values, "gateway configuration")
+    except SettingsFileError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+REFERENCE_BEGIN = (
+    "<!-- generated from GatewayConfig: python -m gateway.config docs/configuration.md -->"
+)
+REFERENCE_END = "<!-- end of the generated reference -->"
+
+
+def _default_cell(name: str) -> str:
+    field = GatewayConfig.model_fields[name]
+    if field.is_required():
+        return "(required)"
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, Path) and value.is_relative_to(Path.home()):
+        value = "~/" + str(value.relative_to(Path.home()))
+    return "`null`" if value is None else f"`{value}`"
+
+
+def reference_table() -> str:
+    """The configuration reference (docs/configuration.md): one row per field, from its doc."""
+    rows = ["| field | default | meaning |", "|---|---|---|"]
+    for name, field in GatewayConfig.model_fields.items():
+        meaning = " ".join((field.description or "").split()).replace("|", "\\|")
+        rows.append(f"| `{name}` | {_default_cell(name)} | {meaning} |")
+    return "\n".join([REFERENCE_BEGIN, *rows, REFERENCE_END])
+
+
+if __name__ == "__main__":  # rewrite the generated reference in the given markdown file
+    import re
+    import sys
+
+    doc = Path(sys.argv[1])
+    block = re.compile(re.escape(REFERENCE_BEGIN) + ".*?" + re.escape(REFERENCE_END), re.DOTALL)
+    doc.write_text(block.sub(lambda _: reference_table(), doc.read_text()))

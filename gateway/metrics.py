@@ -38,7 +38,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 
-from gateway.domain import AdapterStats, EngineRequest, GenerationChunk, ResolvedAdapter
+from gateway.domain import AdapterStats, EngineRequest, GenerationChunk, ResolvedAdapter, Timing
 from gateway.errors import code_of
 from gateway.resolver import AdapterResolver
 
@@ -119,7 +119,7 @@ class RequestRecord:
         self.method = method
         self.started = time.time()  # wall clock: vLLM's first-token time is wall clock too
         self.generated = 0
-        self.timing = None
+        self.timing: Timing | None = None
         self._admitted = False
 
     def admitted(self, request: EngineRequest) -> None:
@@ -381,7 +381,7 @@ class GatewayMetrics:
             self.cache_misses.labels(name, "slot").inc(n)
             cpu = self.cache_hits if found_in == "cpu" else self.cache_misses
             cpu.labels(name, "cpu").inc(n)
-        resident = {}
+        resident: dict[tuple[str, str, str], None] = {}
         for tier, engine_ids in (("slot", stats.active), ("cpu", stats.cached)):
             for engine_id in engine_ids:
                 name, version = ids.get(engine_id, (OTHER, 0))

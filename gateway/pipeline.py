@@ -9,9 +9,10 @@ import collections
 import contextlib
 import math
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
+from gateway.contract import MAX_SCORED_TOKEN_IDS
 from gateway.domain import (
     Engine,
     EngineRequest,
@@ -27,7 +28,6 @@ from gateway.resolver import AdapterResolver
 MAX_STOP_TOKEN_IDS = 64
 MAX_REQUEST_ID_CHARS = 256
 MAX_TEMPERATURE = 2.0  # vLLM refuses more
-MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's sampler row width (vllm.sampling_params)
 
 
 @dataclass(frozen=True)
@@ -99,13 +99,13 @@ def _check_logprobs(field: str, value: int | None, limit: int) -> None:
 
 
 def validate_logprob_token_ids(request: GenerationRequest, vocab_size: int) -> None:
-    """Scored ids: distinct, in the vocabulary, at most MAX_LOGPROB_TOKEN_IDS, no top-N."""
+    """Scored ids: distinct, in the vocabulary, at most MAX_SCORED_TOKEN_IDS, no top-N."""
     ids = request.logprob_token_ids
     if not ids:
         return
     field = "logprob_token_ids"
-    if len(ids) > MAX_LOGPROB_TOKEN_IDS:
-        raise InvalidRequest(field, f"at most {MAX_LOGPROB_TOKEN_IDS} ids, got {len(ids)}")
+    if len(ids) > MAX_SCORED_TOKEN_IDS:
+        raise InvalidRequest(field, f"at most {MAX_SCORED_TOKEN_IDS} ids, got {len(ids)}")
     if len(set(ids)) != len(ids):
         raise InvalidRequest(field, "ids must be distinct")
     bad = [t for t in ids if not 0 <= t < vocab_size]
@@ -213,7 +213,7 @@ class GenerationPipeline:
             if not self.in_flight[key]:
                 del self.in_flight[key]
 
-    def stream(self, request: EngineRequest) -> AsyncIterator[GenerationChunk]:
+    def stream(self, request: EngineRequest) -> AsyncGenerator[GenerationChunk, None]:
         """Deltas of a prepared request (run it inside `running`)."""
         return self.engine.generate(request, stream=True)
 

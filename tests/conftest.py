@@ -2,82 +2,22 @@
 
 from __future__ import annotations
 
-import subprocess
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 
-from gateway.client import AdapterClient, Client, wait_until_serving
-from gateway.process import free_port, kill, start_gateway, stop
-from tests.postgres import PostgresServer
+from gateway.client import AdapterClient
+from tests.support.gateway import N_ADAPTERS, RunningGateway, launch_gateway
+from tests.support.postgres import PostgresServer
 from trainer.tiny import TinyModel, build_tiny_model
-
-N_ADAPTERS = 5  # one more than the engine's 4 slots, and one with an lm_head LoRA
-MAX_MODEL_LEN = 512
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     """A tiny Llama base and 5 LoRA adapters with different ranks and target modules."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny"), adapters=N_ADAPTERS)
-
-
-@dataclass
-class RunningGateway:
-    """A `loraplex serve` child process and how to reach it."""
-
-    target: str
-    process: subprocess.Popen
-    log: Path
-    metrics_port: int
-
-    def client(self) -> Client:
-        return Client(self.target)
-
-    def stop(self, timeout: float = 60) -> int:
-        """SIGTERM and wait; returns the exit code."""
-        return stop(self.process, timeout)
-
-
-def launch_gateway(
-    model: TinyModel,
-    log: Path,
-    *extra: str,
-    data_dir: Path | None = None,
-    credentials: grpc.ChannelCredentials | None = None,
-) -> RunningGateway:
-    """Start a gateway on a free loopback port and wait until it is SERVING.
-
-    Registry mode with `data_dir`; otherwise directory mode over the tiny model's adapters.
-    """
-    port, metrics_port = free_port(), free_port()
-    mode = (
-        ["--data-dir", str(data_dir)]
-        if data_dir is not None
-        else ["--adapters-dir", str(model.base.parent / "adapters")]
-    )
-    args = [
-        "--model", str(model.base),
-        *mode,
-        "--max-model-len", str(MAX_MODEL_LEN),
-        "--port", str(port),
-        "--metrics-port", str(metrics_port),
-        *extra,
-    ]  # fmt: skip
-    process = start_gateway(args, log)
-    gateway = RunningGateway(f"127.0.0.1:{port}", process, log, metrics_port)
-    try:
-        wait_until_serving(
-            gateway.target, 300, lambda: process.poll() is None, credentials=credentials
-        )
-    except (TimeoutError, RuntimeError):
-        kill(process)
-        raise RuntimeError(f"gateway did not start; log:\n{log.read_text()[-4000:]}") from None
-    return gateway
 
 
 @pytest.fixture(scope="session")

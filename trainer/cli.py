@@ -12,7 +12,8 @@ from typing import Annotated
 import typer
 from pydantic import TypeAdapter
 
-from gateway.cli_adapters import DEFAULT_TARGET, _connect, _print_registered, fail
+from gateway.console import DEFAULT_TARGET, connect, fail, print_registered
+from gateway.contract import CANDIDATE
 from trainer.config import ConfigError, DType, Method, QuantizationSettings, load_config
 
 train_app = typer.Typer(
@@ -38,7 +39,6 @@ Register = Annotated[
 ]
 Target = Annotated[str, typer.Option("--target", help="Gateway address host:port.")]
 Name = Annotated[str | None, typer.Option("--name", help="Adapter name to register under.")]
-CANDIDATE = "candidate"
 DTYPE_CHECK = TypeAdapter(DType)
 EXIT_INTERRUPTED = 130
 
@@ -74,7 +74,7 @@ def _train(
         return
     assert result.adapter_dir is not None and name is not None
     typer.echo(f"registering {result.adapter_dir} as {name} ({CANDIDATE}) at {target}")
-    with _connect(target) as client:
+    with connect(target) as client:
         version = client.upload(
             name,
             result.adapter_dir,
@@ -82,7 +82,7 @@ def _train(
             source=f"loraplex train {method} --config {config.resolve()}",
             metadata={"method": method, "run": str(run_config.output_dir)},
         )
-    _print_registered(version)
+    print_registered(version)
 
 
 @train_app.command()

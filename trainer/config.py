@@ -8,12 +8,12 @@ key that belongs to another method is an unknown key, not a silently ignored one
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from gateway.config_files import SettingsFileError, apply_overrides, read_mapping, validate
 
 Method = Literal["sft", "dpo", "reward"]
 DType = Literal["float32", "bfloat16", "float16"]
@@ -231,73 +231,14 @@ CONFIG_CLASSES: dict[str, type[RunConfig]] = {
 }
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `--set a.b=value` overrides (value parsed as YAML) to the raw config mapping."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(
-                f"--set {item!r}: expected key=value, e.g. training.learning_rate=1e-4"
-            )
-        parts = key.strip().split(".")
-        node = data
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
-            node = child
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
-    return data
-
-
-def _fields_at(cls: type[BaseModel], location: tuple[str | int, ...]) -> list[str]:
-    """Field names of the (nested) model at `location`, for did-you-mean suggestions."""
-    for part in location:
-        if isinstance(part, int):
-            continue
-        field = cls.model_fields.get(str(part))
-        if field is None:
-            return []
-        annotation = field.annotation
-        candidates = [annotation, *getattr(annotation, "__args__", ())]
-        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)] or [
-            a
-            for c in candidates
-            for a in getattr(c, "__args__", ())
-            if isinstance(a, type) and issubclass(a, BaseModel)
-        ]
-        if not nested:
-            return []
-        cls = nested[0]
-    return list(cls.model_fields)
-
-
-def describe_validation_error(cls: type[BaseModel], error: ValidationError) -> str:
-    """One line per problem, with a did-you-mean for unknown keys (shared by every YAML file)."""
-    lines = []
-    for item in error.errors():
-        location = tuple(item["loc"])
-        where = ".".join(str(p) for p in location) or "(top level)"
-        if item["type"] == "extra_forbidden":
-            known = _fields_at(cls, location[:-1])
-            close = difflib.get_close_matches(str(location[-1]), known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            lines.append(f"{where}: unknown key{hint} (known here: {', '.join(known)})")
-        else:
-            lines.append(f"{where}: {item['msg']}")
-    return "\n".join(lines)
-
-
 def parse_config(method: Method, data: dict[str, Any], base_dir: Path | None = None) -> RunConfig:
     """Validate a raw mapping for `method`; relative paths are taken from `base_dir`."""
-    cls = CONFIG_CLASSES[method]
     if not isinstance(data, dict):
         raise ConfigError("the config must be a mapping of sections (model:, data:, ...)")
     try:
-        config = cls.model_validate(data)
-    except ValidationError as exc:
-        problems = describe_validation_error(cls, exc)
-        raise ConfigError(f"invalid {method} config:\n{problems}") from None
+        config = validate(CONFIG_CLASSES[method], data, f"{method} config")
+    except SettingsFileError as exc:
+        raise ConfigError(str(exc)) from None
     return config if base_dir is None else _resolve_paths(config, base_dir)
 
 
@@ -324,12 +265,7 @@ def _resolve_paths(config: RunConfig, base_dir: Path) -> RunConfig:
 def load_config(method: Method, path: Path, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML run config, apply `--set` overrides, validate; paths relative to the file."""
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the config must be a mapping of sections (model:, data:, ...)")
-    apply_overrides(data, overrides or [])
+        data = apply_overrides(read_mapping(path, "config"), overrides or [])
+    except SettingsFileError as exc:
+        raise ConfigError(str(exc)) from None
     return parse_config(method, data, Path(path).resolve().parent)

@@ -124,11 +124,8 @@ class PreparedData:
 
 def sha256_of(path: Path) -> str:
     """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _read(path: Path, problems: list[Problem]) -> list[tuple[str, Any]]:

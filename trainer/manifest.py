@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from gateway.registry.fingerprint import base_fingerprint
+from gateway.contract import base_fingerprint
 from trainer.config import RunConfig
 from trainer.data import DataReport
 

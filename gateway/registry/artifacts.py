@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import signal
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ def failpoint(name: str) -> None:
     if os.environ.get(PAUSE_ENV) == name:
         Path(os.environ[PAUSE_ENV + "_MARKER"]).write_text(name)
         while True:  # until killed
-            os.pause()
+            signal.pause()
 
 
 @dataclass(frozen=True)
@@ -47,10 +48,8 @@ def folder_digest(folder: Path) -> str:
     """sha256 over the folder's files: names and contents, in name order."""
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        file_hash = hashlib.sha256()
         with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                file_hash.update(block)
+            file_hash = hashlib.file_digest(handle, "sha256")
         digest.update(path.name.encode() + b"\0" + file_hash.digest())
     return digest.hexdigest()
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from safetensors import safe_open
 
-from gateway.registry.fingerprint import base_fingerprint
+from gateway.contract import base_fingerprint
 
 Shape = tuple[int, int]
 """A layer's weight as stored: a linear layer's [out_features, in_features], an embedding's
@@ -70,10 +70,12 @@ def _weight_files(model_dir: Path) -> dict[str, list[str]]:
         return {"model.safetensors": list(weights.keys())}
 
 
-def checkpoint_shapes(model_dir: Path) -> tuple[frozenset[str], dict[str, Shape]]:
-    """(every module holding weights, the 2-D weight shapes the headers show)."""
+def checkpoint_shapes(model_dir: Path) -> tuple[frozenset[str], dict[str, Shape], frozenset[str]]:
+    """(every module holding weights, the 2-D weight shapes the headers show, the modules whose
+    weight is a vector: norms, which no LoRA can adapt)."""
     modules: set[str] = set()
     shapes: dict[str, Shape] = {}
+    vectors: set[str] = set()
     for file, names in _weight_files(model_dir).items():
         with safe_open(model_dir / file, framework="pt") as weights:
             for name in names:
@@ -84,10 +86,12 @@ def checkpoint_shapes(model_dir: Path) -> tuple[frozenset[str], dict[str, Shape]
                     shape = tensor.get_shape()
                     if len(shape) == 2 and tensor.get_dtype() not in _PACKED_WEIGHT_DTYPES:
                         shapes.setdefault(module, (shape[0], shape[1]))
+                    elif len(shape) == 1:
+                        vectors.add(module)
                 elif kind == "weight_shape":  # compressed-tensors' packed layers keep it here
                     out_features, in_features = weights.get_tensor(name).tolist()
                     shapes[module] = (int(out_features), int(in_features))
-    return frozenset(modules), shapes
+    return frozenset(modules), shapes, frozenset(vectors)
 
 
 @dataclass(frozen=True)
@@ -96,17 +100,18 @@ class BaseLayers:
 
     shapes: Mapping[str, Shape]  # module path (e.g. model.layers.0.mlp.up_proj) -> shape
     modules: frozenset[str]  # every module path holding weights (1-D norms included)
+    vectors: frozenset[str] = frozenset()  # modules whose weight is 1-D (norms)
 
     @classmethod
     def from_folder(cls, model_dir: Path) -> BaseLayers:
         """Headers first; the architecture fills in layers whose weights are packed."""
-        modules, shapes = checkpoint_shapes(model_dir)
+        modules, shapes, vectors = checkpoint_shapes(model_dir)
         config = json.loads((model_dir / "config.json").read_text())
         derived = config_shapes(config)
         for module in modules - shapes.keys():
             if module in derived:
                 shapes[module] = derived[module]
-        return cls(MappingProxyType(shapes), modules)
+        return cls(MappingProxyType(shapes), modules, vectors)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> BaseLayers:

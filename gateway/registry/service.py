@@ -20,23 +20,22 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.contract import Verdict
 from gateway.domain import ResolvedAdapter
 from gateway.errors import AdapterUnavailable, InvalidAdapter, InvalidRequest, Overloaded
 from gateway.registry.archive import extract_upload
 from gateway.registry.artifacts import ArtifactStore, failpoint
 from gateway.registry.base_model import BaseModelFacts
-from gateway.registry.store import (
+from gateway.registry.names import check_alias_move, check_registration
+from gateway.registry.records import (
     AdapterRecord,
     AliasMove,
     AuditEvent,
     EvaluationRecord,
     NewVersion,
-    RegistryStore,
-    Verdict,
     VersionRecord,
-    check_alias_move,
-    check_registration,
 )
+from gateway.registry.store import RegistryStore
 from gateway.registry.validate import AdapterFacts, inspect_adapter
 from gateway.registry.view import Prewarm, RegistryView
 

@@ -1,4 +1,4 @@
-"""The registry's system of record, through SQLAlchemy: SQLite (WAL) or PostgreSQL.
+"""The registry's queries: adapters, versions, aliases, evaluations and the audit log.
 
 Every mutation is one transaction that also appends to the audit log and bumps
 `registry_state.generation`, which gateways poll to refresh their in-memory view. Versions are
@@ -11,53 +11,38 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import logging
-import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar, get_args
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any, TypeVar
 
-from sqlalchemy import (
-    JSON,
-    BigInteger,
-    Boolean,
-    DateTime,
-    Float,
-    ForeignKey,
-    Integer,
-    String,
-    Text,
-    UniqueConstraint,
-    case,
-    column,
-    create_engine,
-    event,
-    func,
-    select,
-    table,
-    text,
-    update,
-)
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
+from gateway.contract import PRODUCTION, VERDICTS, Verdict
 from gateway.errors import AdapterNotFound, InvalidRequest, PreconditionFailed
-from gateway.registry.validate import AdapterFacts
-
-log = logging.getLogger(__name__)
-
-SCHEMA_VERSION = 2  # v2: evaluations.verdict (pass / fail / error) replaces evaluations.passed
-PRODUCTION = "production"
-ADAPTER_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-ALIAS_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
-VERSION_REF = re.compile(r"^v(\d+)$")
-WRITE_ATTEMPTS = 5
+from gateway.registry.database import make_db_engine, read_transaction, write_transaction
+from gateway.registry.names import check_alias_move, check_registration
+from gateway.registry.records import (
+    AdapterRecord,
+    AliasMove,
+    AuditEvent,
+    EvaluationRecord,
+    NewVersion,
+    Snapshot,
+    VersionRecord,
+)
+from gateway.registry.schema import (
+    AdapterRow,
+    AliasMoveRow,
+    AliasRow,
+    AuditRow,
+    EvaluationRow,
+    StateRow,
+    VersionRow,
+    migrate,
+)
 
 T = TypeVar("T")
-Verdict = Literal["pass", "fail", "error"]
-VERDICTS: tuple[Verdict, ...] = get_args(Verdict)
 
 
 def _now() -> dt.datetime:
@@ -69,268 +54,6 @@ def _utc(value: dt.datetime) -> dt.datetime:
     return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
-class Base(DeclarativeBase):
-    pass
-
-
-class AdapterRow(Base):
-    __tablename__ = "adapters"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(64), unique=True)
-    description: Mapped[str] = mapped_column(Text, default="")
-    owner: Mapped[str] = mapped_column(String(256), default="")
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
-    last_version: Mapped[int] = mapped_column(Integer, default=0)
-
-
-class VersionRow(Base):
-    __tablename__ = "versions"
-    __table_args__ = (UniqueConstraint("adapter_id", "number"),)
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id"), index=True)
-    number: Mapped[int] = mapped_column(Integer)
-    sha256: Mapped[str] = mapped_column(String(64), index=True)
-    rank: Mapped[int] = mapped_column(Integer)
-    alpha: Mapped[float] = mapped_column(Float)
-    target_modules: Mapped[list] = mapped_column(JSON)
-    size_bytes: Mapped[int] = mapped_column(BigInteger)
-    base_fingerprint: Mapped[str] = mapped_column(String(128))
-    base_rule: Mapped[str] = mapped_column(String(32))
-    source: Mapped[str] = mapped_column(Text, default="")
-    actor: Mapped[str] = mapped_column(String(256), default="")
-    extra: Mapped[dict] = mapped_column("metadata", JSON, default=dict)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
-    deleted_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), default=None)
-
-
-class AliasRow(Base):
-    __tablename__ = "aliases"
-    __table_args__ = (UniqueConstraint("adapter_id", "name"),)
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id"))
-    name: Mapped[str] = mapped_column(String(64))
-    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"))
-    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
-
-
-class AliasMoveRow(Base):
-    __tablename__ = "alias_moves"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id"), index=True)
-    alias: Mapped[str] = mapped_column(String(64))
-    from_version: Mapped[int] = mapped_column(Integer)  # 0: the alias was created
-    to_version: Mapped[int] = mapped_column(Integer)
-    actor: Mapped[str] = mapped_column(String(256))
-    reason: Mapped[str] = mapped_column(Text, default="")
-    forced: Mapped[bool] = mapped_column(Boolean, default=False)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
-
-
-class EvaluationRow(Base):
-    __tablename__ = "evaluations"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), index=True)
-    suite: Mapped[str] = mapped_column(String(256))
-    verdict: Mapped[str] = mapped_column(String(8))  # one of VERDICTS
-    report: Mapped[dict] = mapped_column(JSON, default=dict)
-    actor: Mapped[str] = mapped_column(String(256))
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
-
-
-class AuditRow(Base):
-    __tablename__ = "audit_events"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
-    actor: Mapped[str] = mapped_column(String(256))
-    action: Mapped[str] = mapped_column(String(64))
-    adapter: Mapped[str] = mapped_column(String(64), index=True)
-    version: Mapped[int] = mapped_column(Integer, default=0)
-    details: Mapped[dict] = mapped_column(JSON, default=dict)
-
-
-class StateRow(Base):
-    """One row: the schema version and a counter bumped by every mutation."""
-
-    __tablename__ = "registry_state"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    schema_version: Mapped[int] = mapped_column(Integer)
-    generation: Mapped[int] = mapped_column(BigInteger)
-
-
-# ---------------------------------------------------------------- records returned to callers
-
-
-@dataclass(frozen=True)
-class EvaluationRecord:
-    id: int
-    suite: str
-    verdict: Verdict
-    report: dict
-    actor: str
-    created_at: dt.datetime
-
-
-@dataclass(frozen=True)
-class VersionRecord:
-    adapter: str
-    number: int
-    sha256: str
-    rank: int
-    alpha: float
-    target_modules: tuple[str, ...]
-    size_bytes: int
-    base_fingerprint: str
-    base_rule: str
-    source: str
-    actor: str
-    metadata: dict
-    created_at: dt.datetime
-    aliases: tuple[str, ...] = ()
-    evaluations: tuple[EvaluationRecord, ...] = ()
-
-
-@dataclass(frozen=True)
-class AdapterRecord:
-    name: str
-    description: str
-    owner: str
-    created_at: dt.datetime
-    aliases: dict[str, int] = field(default_factory=dict)
-    versions: tuple[VersionRecord, ...] = ()
-
-
-@dataclass(frozen=True)
-class AliasMove:
-    adapter: str
-    alias: str
-    from_version: int
-    to_version: int
-    actor: str
-    reason: str
-    forced: bool
-    created_at: dt.datetime
-
-
-@dataclass(frozen=True)
-class AuditEvent:
-    id: int
-    created_at: dt.datetime
-    actor: str
-    action: str
-    adapter: str
-    version: int
-    details: dict
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """Everything request resolution needs, read in one transaction."""
-
-    generation: int
-    versions: list[tuple[str, int, str, int, tuple[str, ...]]]  # adapter, number, sha, rank, mods
-    aliases: list[tuple[str, str, int]]  # adapter, alias, number
-
-
-@dataclass(frozen=True)
-class NewVersion:
-    """A validated, stored adapter version about to be recorded."""
-
-    facts: AdapterFacts
-    sha256: str
-    source: str
-    metadata: dict
-    description: str = ""
-    owner: str = ""
-    alias: str = ""
-
-
-def check_adapter_name(name: str, field_name: str = "name") -> None:
-    if not ADAPTER_NAME.match(name):
-        raise InvalidRequest(
-            field_name, f"{name!r} is not a valid adapter name ([a-z0-9][a-z0-9._-]*, <= 64 chars)"
-        )
-
-
-def check_alias_name(alias: str, field_name: str = "alias") -> None:
-    if not ALIAS_NAME.match(alias) or VERSION_REF.match(alias):
-        raise InvalidRequest(
-            field_name,
-            f"{alias!r} is not a valid alias ([a-z][a-z0-9_-]*, <= 64 chars, not of the form vN)",
-        )
-
-
-def check_registration(name: str, alias: str) -> None:
-    """The names of a registration, checked before any work is done."""
-    check_adapter_name(name)
-    if alias:
-        check_alias_name(alias)
-        if alias == PRODUCTION:
-            raise InvalidRequest(
-                "alias", "a new version cannot go to production at registration; promote it"
-            )
-
-
-def check_alias_move(alias: str, force: bool, reason: str) -> None:
-    """The arguments of an alias move, checked before any work is done."""
-    check_alias_name(alias)
-    if force and not reason.strip():
-        raise InvalidRequest("reason", "a forced move needs a reason")
-
-
-# ---------------------------------------------------------------- schema upgrades
-
-
-def _v1_to_v2(conn: Connection) -> None:
-    """evaluations.passed (boolean) -> evaluations.verdict: true was a pass; false a fail, or an
-    error when its report says so (v1 gates recorded their errors as not passed, with
-    `"verdict": "error"` in the report).
-
-    The column default only fills the old rows: PostgreSQL drops it after; SQLite cannot (no
-    ALTER COLUMN) and keeps it unused, since every insert names its verdict.
-    """
-    conn.execute(
-        text("ALTER TABLE evaluations ADD COLUMN verdict VARCHAR(8) NOT NULL DEFAULT 'fail'")
-    )
-    v1 = table("evaluations", column("passed", Boolean), column("report", JSON), column("verdict"))
-    said_error = v1.c.report["verdict"].as_string() == "error"
-    conn.execute(
-        update(v1).values(verdict=case((v1.c.passed, "pass"), (said_error, "error"), else_="fail"))
-    )
-    conn.execute(text("ALTER TABLE evaluations DROP COLUMN passed"))
-    if conn.dialect.name == "postgresql":
-        conn.execute(text("ALTER TABLE evaluations ALTER COLUMN verdict DROP DEFAULT"))
-
-
-# UPGRADES[n] takes a schema from version n to n + 1, inside the migration's transaction.
-UPGRADES: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2}
-
-
-# ---------------------------------------------------------------- the store
-
-
-def make_db_engine(url: str) -> Engine:
-    """A SQLAlchemy engine for the registry database (SQLite: WAL, full sync, IMMEDIATE writes)."""
-    if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
-            dbapi_conn.isolation_level = None  # let SQLAlchemy's begin event issue BEGIN
-            cursor = dbapi_conn.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=FULL")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.close()
-
-        @event.listens_for(engine, "begin")
-        def _sqlite_begin(conn: Connection) -> None:
-            write = conn.get_execution_options().get("loraplex_write", False)
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
-
-        return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
-
-
 class RegistryStore:
     """Adapters, versions, aliases, evaluations and the audit log in one SQL database."""
 
@@ -338,71 +61,19 @@ class RegistryStore:
         self.url = url
         self.engine = make_db_engine(url)
         self.is_postgres = self.engine.dialect.name == "postgresql"
-        self._migrate()
+        migrate(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
 
     # -- transactions
 
-    @contextmanager
-    def _read(self) -> Iterator[Session]:
-        with Session(self.engine) as session, session.begin():
-            yield session
+    def _read(self) -> AbstractContextManager[Session]:
+        return read_transaction(self.engine)
 
     def _write(self, work: Callable[[Session], T]) -> T:
-        """Run `work` in a write transaction that bumps the generation; retried on conflicts.
-
-        Each attempt re-reads what it checks, so a retry after a concurrent insert (two first
-        registrations of one name, say) sees the winner's row and decides again.
-        """
-        for attempt in range(1, WRITE_ATTEMPTS + 1):
-            try:
-                with (
-                    self.engine.connect().execution_options(loraplex_write=True) as conn,
-                    Session(bind=conn) as session,
-                    session.begin(),
-                ):
-                    result = work(session)
-                    session.execute(
-                        update(StateRow)
-                        .where(StateRow.id == 1)
-                        .values(generation=StateRow.generation + 1)
-                    )
-                    return result
-            except (IntegrityError, OperationalError) as exc:
-                if attempt == WRITE_ATTEMPTS:
-                    raise
-                log.debug("registry write conflict (attempt %d): %s", attempt, exc)
-        raise AssertionError("unreachable")
-
-    # -- schema
-
-    def _migrate(self) -> None:
-        """Create or upgrade the schema; refuse a database written by a newer loraplex."""
-        with (
-            self.engine.connect().execution_options(loraplex_write=True) as conn,
-            conn.begin(),
-        ):
-            if self.is_postgres:  # replicas starting together migrate one at a time
-                conn.execute(text("SELECT pg_advisory_xact_lock(7261001)"))
-            Base.metadata.create_all(conn, checkfirst=True)
-            state = conn.execute(select(StateRow.schema_version)).scalar()
-            if state is None:
-                conn.execute(
-                    StateRow.__table__.insert().values(
-                        id=1, schema_version=SCHEMA_VERSION, generation=0
-                    )
-                )
-            elif state > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"registry schema v{state} is newer than this loraplex (v{SCHEMA_VERSION})"
-                )
-            elif state < SCHEMA_VERSION:
-                for step in range(state, SCHEMA_VERSION):  # one step per version
-                    log.info("upgrading the registry schema from v%d to v%d", step, step + 1)
-                    UPGRADES[step](conn)
-                conn.execute(update(StateRow).values(schema_version=SCHEMA_VERSION))
+        """A write transaction that bumps the generation; retried on conflicts."""
+        return write_transaction(self.engine, work)
 
     # -- helpers
 

@@ -200,6 +200,11 @@ def check_lora_weights(
         raise InvalidAdapter(f"target modules not in the base model: {', '.join(missing[:5])}")
     for module, lora in sorted(modules.items()):
         shape = layers.shapes.get(module)
+        if shape is None and module in layers.vectors:
+            raise InvalidAdapter(
+                f"{module}: the base layer's weight is a vector (a norm), not a matrix a LoRA "
+                "can adapt"
+            )
         if shape is None:
             raise InvalidAdapter(
                 f"{module}: the base's weights for this layer are packed in a format whose "

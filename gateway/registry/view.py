@@ -20,9 +20,11 @@ import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from gateway.contract import PRODUCTION
 from gateway.domain import ResolvedAdapter
 from gateway.errors import AdapterNotFound
-from gateway.registry.store import PRODUCTION, RegistryStore, Snapshot
+from gateway.registry.records import Snapshot
+from gateway.registry.store import RegistryStore
 
 log = logging.getLogger(__name__)
 

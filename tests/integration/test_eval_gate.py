@@ -24,7 +24,7 @@ from evalsuite.policy import load_policy
 from gateway.client import AdapterClient
 from gateway.process import free_port
 from loraplex.v1 import adapters_pb2 as apb
-from tests.cli import run_loraplex
+from tests.support.cli import run_loraplex
 from trainer.config import load_config
 from trainer.run import run_training
 
@@ -198,7 +198,7 @@ def test_a_concurrent_promotion_is_not_overwritten(gateway, adapters, tmp_path):
         result = run_gate(gateway.target, "colors-race@candidate", load_policy(policy),
                           tmp_path / "report", promote=True)  # fmt: skip
         assert result.verdict == "pass" and not result.promoted and result.exit_code == 2
-        assert "FAILED_PRECONDITION" in result.report["promotion"]["error"]
+        assert "FAILED_PRECONDITION" in result.report.promotion.error
         assert registry.get("colors-race").aliases["production"] == 3  # theirs, not ours
 
 

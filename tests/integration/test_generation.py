@@ -14,8 +14,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from gateway.client import AsyncClient
 from loraplex.v1 import generation_pb2 as pb
-from tests.conftest import MAX_MODEL_LEN
-from tests.integration.hf_reference import hf_reference
+from tests.support.gateway import MAX_MODEL_LEN
+from tests.support.hf_reference import hf_reference
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ import pytest
 from gateway.client import AsyncClient
 from gateway.process import kill
 from loraplex.v1 import generation_pb2 as pb
-from tests.conftest import launch_gateway
+from tests.support.gateway import launch_gateway
 from trainer.quantize import quantize_base
 from trainer.tiny import TinyModel
 

@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from gateway.client import AdapterClient
-from tests.prometheus import JOB, PrometheusServer
+from tests.support.prometheus import JOB, PrometheusServer
 
 pytestmark = pytest.mark.integration
 

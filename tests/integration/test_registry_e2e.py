@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from gateway.client import AdapterClient, AsyncClient
 from loraplex.v1 import adapters_pb2 as apb
-from tests.integration.hf_reference import hf_reference
-from tests.unit.foreign_adapters import FOREIGN, build_foreign_adapter
+from tests.support.foreign_adapters import FOREIGN, build_foreign_adapter
+from tests.support.hf_reference import hf_reference
 
 pytestmark = pytest.mark.integration
 
@@ -107,8 +107,8 @@ def test_registration_loads_the_version_and_refuses_what_vllm_cannot_load(
     version = registry.register("fresh", fresh)
     residency = {v.version: v.residency for v in registry.versions("fresh")}
     assert residency[version.version] in (apb.RESIDENCY_LOADED, apb.RESIDENCY_CPU_CACHED)
-    # Passes the static checks (the module exists in the base) but vLLM has no LoRA layer
-    # for a norm: the registration fails at the engine load, and nothing is kept.
+    # A LoRA on a norm: the module exists in the base, but its weight is a vector; refused by
+    # the static checks, before the engine.
     odd = tmp_path / "odd"
     shutil.copytree(tiny_model.adapters["alpha"], odd)
     tensors = load_file(odd / "adapter_model.safetensors")
@@ -122,6 +122,16 @@ def test_registration_loads_the_version_and_refuses_what_vllm_cannot_load(
     before = [a.name for a in registry.list()]
     with pytest.raises(grpc.RpcError) as err:
         registry.register("odd", odd)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "input_layernorm: the base layer's weight is a vector" in err.value.details()
+    # Passes every static check, but asks for what vLLM does not serve (DoRA): the
+    # registration fails at the engine load, and nothing is kept.
+    dora = tmp_path / "dora"
+    shutil.copytree(tiny_model.adapters["alpha"], dora)
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(grpc.RpcError) as err:
+        registry.register("dora", dora)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "engine could not load" in err.value.details()
     assert [a.name for a in registry.list()] == before

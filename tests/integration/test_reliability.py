@@ -37,8 +37,8 @@ from gateway.client import AdapterClient, AsyncClient, Client, tls_credentials
 from gateway.errors import RETRY_AFTER_METADATA
 from gateway.process import kill
 from loraplex.v1 import generation_pb2 as pb
-from tests.conftest import RunningGateway, launch_gateway
-from tests.unit.tls import Tls, make_tls
+from tests.support.gateway import RunningGateway, launch_gateway
+from tests.support.tls import Tls, make_tls
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from gateway.client import AdapterClient
-from tests.conftest import RunningGateway, launch_gateway
+from tests.support.gateway import RunningGateway, launch_gateway
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from gateway.client import AdapterClient, Client
-from tests.cli import run_loraplex
+from tests.support.cli import run_loraplex
 from trainer.config import load_config
 from trainer.modeling import load_reward_model, reward_scores
 from trainer.run import RunError, TrainResult, run_training
@@ -101,7 +101,7 @@ def test_sft_lowers_held_out_loss_and_writes_a_complete_manifest(sft_run, tiny_m
     after = manifest["metrics"]["eval"]["eval_loss"]
     assert after < before - LOSS_DROP, (before, after)
 
-    from gateway.registry.fingerprint import base_fingerprint
+    from gateway.contract import base_fingerprint
 
     assert manifest["base_fingerprint"] == base_fingerprint(tiny_model.base)
     assert manifest["method"] == "sft" and manifest["seed"] == 0 and manifest["steps"] == 120
@@ -399,7 +399,7 @@ def test_chat_data_on_a_base_without_template_needs_a_named_one(tiny_model, tmp_
 def test_qlora_on_a_prequantized_4bit_base(tiny_model, tmp_path):
     """`loraplex train quantize-base` once, then QLoRA loads the 4-bit copy directly; the
     registry's fingerprint of the copy is the base's, so its adapters register for the base."""
-    from gateway.registry.fingerprint import base_fingerprint
+    from gateway.contract import base_fingerprint
     from trainer.config import ConfigError
 
     nf4 = tmp_path / "base-nf4"

@@ -13,7 +13,7 @@ from gateway.errors import RETRY_AFTER_METADATA, Overloaded
 from gateway.keys import ApiKey, KeyRing, KeyStore, Role
 from loraplex.v1 import generation_pb2 as gpb
 from loraplex.v1 import generation_pb2_grpc
-from tests.unit.registry_server import start_registry_server
+from tests.support.registry_server import start_registry_server
 
 
 def _request(prompt: int = 10, max_tokens: int = 20) -> EngineRequest:

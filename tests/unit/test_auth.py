@@ -21,8 +21,8 @@ from loraplex.v1 import adapters_pb2 as apb
 from loraplex.v1 import adapters_pb2_grpc, generation_pb2_grpc, keys_pb2_grpc
 from loraplex.v1 import generation_pb2 as gpb
 from loraplex.v1 import keys_pb2 as kpb
-from tests.unit.registry_server import start_registry_server
-from tests.unit.tls import make_tls
+from tests.support.registry_server import start_registry_server
+from tests.support.tls import make_tls
 
 OWN, OTHER = "team-a-chat", "team-b-chat"
 ALLOWED = "allowed"

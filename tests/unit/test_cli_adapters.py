@@ -19,7 +19,7 @@ from gateway.client import AdapterClient, default_actor
 from gateway.process import free_port
 from loraplex.v1 import adapters_pb2 as apb
 from loraplex.v1 import adapters_pb2_grpc
-from tests.unit.registry_server import start_registry_server
+from tests.support.registry_server import start_registry_server
 
 runner = CliRunner()
 

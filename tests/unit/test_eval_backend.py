@@ -22,7 +22,7 @@ from gateway.generation import GenerationServicer
 from gateway.pipeline import GenerationPipeline
 from gateway.resolver import DirectoryResolver
 from loraplex.v1 import generation_pb2_grpc as pb_grpc
-from tests.unit.fakes import FAKE_BASE, INFO, FakeEngine
+from tests.support.fakes import FAKE_BASE, INFO, FakeEngine
 
 
 def score(token: int) -> float:

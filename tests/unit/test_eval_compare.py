@@ -25,7 +25,7 @@ from evalsuite.judges import JUDGES, Judge, judge_class, make_judge
 from evalsuite.judges.llm import LLMJudge
 from evalsuite.judges.reward import RewardModelJudge
 from loraplex.v1 import generation_pb2 as pb
-from tests.unit.registry_server import start_registry_server
+from tests.support.registry_server import start_registry_server
 
 VERSIONS = {"": ("", 0), "acme@candidate": ("acme", 3), "acme": ("acme", 2), "judge": ("j", 1)}
 

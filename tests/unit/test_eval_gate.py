@@ -18,12 +18,13 @@ from evalsuite.benchmarks import run_benchmarks
 from evalsuite.decisions import Check, benchmark_checks, decide, policy_checks, preference_check
 from evalsuite.errors import DeadlineExceeded, EvalInputError
 from evalsuite.gate import GateResult, run_gate
+from evalsuite.gate_report import GateReport, Promotion
 from evalsuite.pinning import GatePins, Pin, Pinner, split_reference
 from evalsuite.policy import GatePolicy, load_policy, parse_policy
 from gateway.client import AdapterClient
 from gateway.process import free_port
 from loraplex.v1 import adapters_pb2 as apb
-from tests.unit.registry_server import RegistryServer, start_registry_server
+from tests.support.registry_server import RegistryServer, start_registry_server
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "colors" / "gate.yaml"
 
@@ -34,6 +35,13 @@ def test_the_example_policy_loads_with_paths_relative_to_it():
     assert policy.include_paths == [EXAMPLE.parent / "tasks"]
     assert policy.preference is not None and policy.preference.prompts.is_file()
     assert policy.benchmarks[2].relative and policy.benchmarks[2].max_regression_vs_base == 0.5
+
+
+def test_policies_take_set_overrides_and_suggest_the_key_meant():
+    """The gateway's, the trainer's and the gate's YAML files share one loader."""
+    assert load_policy(EXAMPLE, ["limit=8", "concurrency=3"]).limit == 8
+    with pytest.raises(EvalInputError, match="concurency: unknown key; did you mean 'concurrency'"):
+        load_policy(EXAMPLE, ["concurency=3"])
 
 
 @pytest.mark.parametrize(
@@ -171,7 +179,8 @@ def test_policy_checks_in_policy_order_and_only_required_failures_fail_the_gate(
     ],
 )
 def test_exit_codes(verdict, requested, promoted, code):
-    result = GateResult(verdict, {"promotion": {"requested": requested}}, promoted=promoted)
+    promotion = Promotion(requested=requested, done=promoted)
+    result = GateResult(GateReport("colors", {}, "", promotion, verdict=verdict))
     assert result.exit_code == code
 
 
@@ -386,10 +395,11 @@ async def test_aliases_moved_mid_run_change_nothing_that_is_evaluated(
     monkeypatch.setattr(gate, "build_preference", build_while_someone_moves_the_aliases)
     result = await asyncio.to_thread(run_gate, target, "acme@candidate", policy, tmp_path / "out")
     report = result.report
-    assert result.verdict == "pass", report["error"]
-    assert report["baseline"] == {"requested": "acme@stable", "ref": "acme@v1", "version": 1}
-    assert report["judge_adapter"] == {"requested": "judge", "ref": "judge@v1", "version": 1}
-    comparison = report["preference"]
+    assert result.verdict == "pass", report.error
+    assert report.baseline == {"requested": "acme@stable", "ref": "acme@v1", "version": 1}
+    assert report.judge_adapter == {"requested": "judge", "ref": "judge@v1", "version": 1}
+    comparison = report.preference
+    assert comparison is not None
     assert (comparison["candidate"], comparison["baseline"]) == ("acme@v2", "acme@v1")
     assert (comparison["candidate_version"], comparison["baseline_version"]) == (
         "acme@v2",
@@ -424,11 +434,11 @@ async def test_a_request_past_its_deadline_is_verdict_error_and_recorded_as_such
         run_gate, fake_gateway.target, "acme@candidate", policy, tmp_path / "out", promote=True
     )
     assert (result.verdict, result.exit_code, result.promoted) == ("error", 2, False)
-    assert "got no answer within its 0.2 s deadline (DEADLINE_EXCEEDED)" in result.report["error"]
-    assert "request_timeout_s" in result.report["error"]
+    assert "got no answer within its 0.2 s deadline (DEADLINE_EXCEEDED)" in result.report.error
+    assert "request_timeout_s" in result.report.error
     records = await asyncio.to_thread(_gate_records, fake_gateway.target, "acme")
     [(verdict, summary)] = records[2]
-    assert verdict == apb.VERDICT_ERROR and summary["error"] == result.report["error"]
+    assert verdict == apb.VERDICT_ERROR and summary["error"] == result.report.error
     assert records[1] == []
 
 
@@ -438,8 +448,8 @@ async def test_without_the_registry_nothing_is_recorded_and_the_exit_code_is_2(
     down = await asyncio.to_thread(
         run_gate, f"127.0.0.1:{free_port()}", "acme@candidate", _policy(tmp_path)
     )
-    assert (down.verdict, down.exit_code) == ("error", 2) and "UNAVAILABLE" in down.report["error"]
-    assert down.report["candidate"] is None and "recorded" not in down.report
+    assert (down.verdict, down.exit_code) == ("error", 2) and "UNAVAILABLE" in down.report.error
+    assert down.report.candidate is None and down.report.recorded is None
 
     def registry_gone(*_: object) -> None:
         raise RpcFailure(grpc.StatusCode.UNAVAILABLE)
@@ -453,8 +463,8 @@ async def test_without_the_registry_nothing_is_recorded_and_the_exit_code_is_2(
             _policy(tmp_path, request_timeout_s=0.2 if slow else 30), promote=True,
         )  # fmt: skip
         assert (result.verdict, result.exit_code, result.promoted) == ("error", 2, False)
-        assert result.report["recorded"] is False
-        assert result.report["record_error"] == "gateway registry: UNAVAILABLE: unavailable"
+        assert result.report.recorded is False
+        assert result.report.record_error == "gateway registry: UNAVAILABLE: unavailable"
 
 
 async def test_a_report_that_cannot_be_written_is_an_error_recorded_on_the_version(

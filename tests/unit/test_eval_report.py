@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from evalsuite.gate_report import GateReport
 from evalsuite.report import MAX_EXAMPLES, render_html, write_report
 
 XSS = "<script>alert(1)</script>"
@@ -260,33 +261,43 @@ def test_svg_is_well_formed() -> None:
             assert root.find("title") is not None
 
 
+def test_the_typed_report_round_trips_its_json_form() -> None:
+    report = _full_report() | {
+        "baseline": {"ref": "colors@v2", "version": 2},
+        "judge_adapter": None,
+        "promotion": {"requested": True, "done": False, "error": "FAILED_PRECONDITION: moved"},
+        "recorded": True,
+    }
+    assert GateReport.from_dict(copy.deepcopy(report)).to_dict() == report
+
+
 def test_write_report(tmp_path: Path) -> None:
-    report = _full_report()
+    report = GateReport.from_dict(_full_report())
     original = copy.deepcopy(report)
     out_dir = tmp_path / "reports" / "colors-v3"
     json_path, html_path = write_report(report, out_dir)
     assert (json_path, html_path) == (out_dir / "report.json", out_dir / "report.html")
-    assert json.loads(json_path.read_text(encoding="utf-8")) == original
+    assert json.loads(json_path.read_text(encoding="utf-8")) == original.to_dict()
     assert report == original  # not mutated
-    assert html_path.read_text(encoding="utf-8") == render_html(report)
+    assert html_path.read_text(encoding="utf-8") == render_html(report.to_dict())
     assert sorted(p.name for p in out_dir.iterdir()) == ["report.html", "report.json"]
 
 
 def test_write_report_json_format_and_overwrite(tmp_path: Path) -> None:
-    report = _error_report()
-    report["error"] = "échec: модель недоступна"
-    write_report(_full_report(), tmp_path)
+    report = GateReport.from_dict(_error_report())
+    report.error = "échec: модель недоступна"
+    write_report(GateReport.from_dict(_full_report()), tmp_path)
     json_path, _ = write_report(report, tmp_path)
     text = json_path.read_text(encoding="utf-8")
     assert "échec: модель недоступна" in text  # ensure_ascii off
     assert text.startswith('{\n  "adapter": "colors",\n  "candidate"')  # indent 2, keys unsorted
-    assert json.loads(text) == report
+    assert json.loads(text) == report.to_dict()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "report.json"]
 
 
 def test_write_report_leaves_nothing_when_rendering_fails(tmp_path: Path) -> None:
     with pytest.raises(TypeError):
-        write_report({"adapter": "colors", "policy": {"bad": object()}}, tmp_path / "out")
+        write_report(GateReport.from_dict({"policy": {"bad": object()}}), tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
 
 

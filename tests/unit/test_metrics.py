@@ -16,7 +16,7 @@ from gateway.metrics import BASE, OTHER, AdapterLabels, AliasCollector, GatewayM
 from gateway.pipeline import GenerationPipeline
 from gateway.resolver import DirectoryResolver
 from loraplex.v1 import generation_pb2_grpc as pb_grpc
-from tests.unit.fakes import FAKE_BASE, FakeEngine, make_adapter
+from tests.support.fakes import FAKE_BASE, FakeEngine, make_adapter
 
 NAME = re.compile(r"loraplex_[a-z0-9_]+")
 UNITS = ("_seconds", "_bytes", "_total", "_info")  # the unit (or kind) suffixes in use
@@ -208,22 +208,28 @@ def test_queue_rollbacks_verdicts_and_aliases(served):
     assert sample_value(registry, "loraplex_alias_info", **info) == 1
 
 
-def test_every_metric_follows_the_naming_conventions(served):
-    _, registry, metrics, _ = served
+async def test_every_metric_follows_the_naming_conventions(served):
+    client, registry, metrics, _ = served
     metrics.started("fake 0", "tiny", "none")
+    await client.generate("Hi", "alpha", max_tokens=2)  # counters with samples to look at
     registry.register(AliasCollector(lambda: [("alpha", "production", 1)], metrics.labels))
     families = list(registry.collect())
     assert len(families) >= 20
+    counted = 0
     for family in families:
-        name = family.name + ("_total" if family.type == "counter" else "")
+        name = family.name
         assert NAME.fullmatch(name), f"{name}: one prefix, snake case, no colons"
         assert family.documentation, f"{name} has no help text"
-        if family.type == "counter":
-            assert name.endswith("_total")
+        if family.type == "counter":  # the names a scrape sees, not names built here
+            assert not name.endswith("_total"), f"{name}: exposed as {name}_total_total"
+            samples = {sample.name for sample in family.samples}
+            assert samples <= {f"{name}_total", f"{name}_created"}, samples
+            counted += f"{name}_total" in samples
         elif family.type == "histogram":
             assert name.endswith("_seconds"), f"{name}: histograms are of seconds here"
         else:
             assert name.endswith(UNITS) or name in UNITLESS, f"{name}: unit suffix missing"
         assert not any(word in name for word in ("_ms", "millis", "_kb", "_mb")), name
+    assert counted >= 3  # the sample check above saw real counters
     build = next(f for f in families if f.name == "loraplex_build_info")
     assert build.type == "gauge" and build.samples[0].value == 1

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gateway.config import ConfigError, GatewayConfig
+from gateway.contract import base_fingerprint
 from gateway.registry.base_model import BaseLayers
-from gateway.registry.fingerprint import base_fingerprint
-from tests.cli import run_loraplex
+from tests.support.cli import run_loraplex
 from trainer.quantize import QuantizeError, quantize_base
 
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import shutil
 import time
-import uuid
 
 import grpc
 import pytest
@@ -21,10 +19,16 @@ from gateway.client import AsyncClient
 from gateway.metrics import AdapterLabels, GatewayMetrics
 from loraplex.v1 import adapters_pb2 as apb
 from loraplex.v1 import adapters_pb2_grpc
-from tests.unit.registry_server import start_registry_server
-from tests.unit.test_registry_validate import BROKEN, _tar
-
-ACTOR = (("loraplex-actor", "tester"),)
+from tests.support.adapters import BROKEN, tar_of
+from tests.support.registry_server import (
+    ACTOR,
+    copy_adapter,
+    expect_error,
+    register,
+    start_registry_server,
+    state,
+    upload_messages,
+)
 
 
 @pytest.fixture
@@ -34,39 +38,6 @@ async def served(tiny_model, tmp_path):
     yield server, adapters_pb2_grpc.AdapterServiceStub(channel)
     await channel.close()
     await server.stop()
-
-
-def copy_adapter(tiny_model, tmp_path, name="alpha"):
-    folder = tmp_path / f"src-{name}-{uuid.uuid4().hex[:8]}"
-    shutil.copytree(tiny_model.adapters[name], folder)
-    (folder / "README.md").unlink(missing_ok=True)
-    return folder
-
-
-def state(server):
-    """Everything a failed call must leave untouched."""
-    store = server.registry.store
-    artifacts = server.registry.artifacts
-    return (
-        store.snapshot(),
-        store.audit_events(limit=1000),
-        sorted(p.name for p in artifacts.objects.iterdir()),
-        sorted(p.name for p in artifacts.tmp.iterdir()),
-        sorted(p.name for p in server.registry.uploads.iterdir()),
-    )
-
-
-async def register(stub, path, name="acme", **fields):
-    return await stub.RegisterAdapter(
-        apb.RegisterAdapterRequest(name=name, path=str(path), **fields), metadata=ACTOR
-    )
-
-
-async def expect_error(call, code, message):
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await call
-    assert err.value.code() == code, err.value.details()
-    assert message in err.value.details()
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN))
@@ -118,20 +89,14 @@ async def test_limits_and_the_engine_load_are_checked_before_anything_is_kept(ti
     await small.stop()
 
 
-def _upload_messages(header, data, chunk=1000):
-    yield apb.UploadAdapterRequest(header=header)
-    for i in range(0, len(data), chunk):
-        yield apb.UploadAdapterRequest(chunk=data[i : i + chunk])
-
-
 async def test_upload_registers_an_archive_and_refuses_hostile_ones(served, tiny_model, tmp_path):
     server, stub = served
     folder = copy_adapter(tiny_model, tmp_path)
-    archive = _tar(tmp_path, {p.name: p.read_bytes() for p in folder.iterdir()}).read_bytes()
+    archive = tar_of(tmp_path, {p.name: p.read_bytes() for p in folder.iterdir()}).read_bytes()
     header = apb.UploadHeader(
         name="acme", alias="candidate", archive_sha256=hashlib.sha256(archive).hexdigest()
     )
-    reply = await stub.UploadAdapter(_upload_messages(header, archive), metadata=ACTOR)
+    reply = await stub.UploadAdapter(upload_messages(header, archive), metadata=ACTOR)
     assert (reply.version.version, reply.version.source, list(reply.version.aliases)) == (
         1,
         "upload",
@@ -141,22 +106,22 @@ async def test_upload_registers_an_archive_and_refuses_hostile_ones(served, tiny
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     bad_sum = apb.UploadHeader(name="acme", archive_sha256="0" * 64)
     await expect_error(
-        stub.UploadAdapter(_upload_messages(bad_sum, archive)), invalid, "as declared"
+        stub.UploadAdapter(upload_messages(bad_sum, archive)), invalid, "as declared"
     )
-    hostile = _tar(tmp_path, {"../adapter_config.json": b"{}"}).read_bytes()
+    hostile = tar_of(tmp_path, {"../adapter_config.json": b"{}"}).read_bytes()
     await expect_error(
-        stub.UploadAdapter(_upload_messages(apb.UploadHeader(name="acme"), hostile)),
+        stub.UploadAdapter(upload_messages(apb.UploadHeader(name="acme"), hostile)),
         invalid,
         "only plain file names",
     )
-    linked = _tar(tmp_path, {}, symlink="adapter_model.safetensors").read_bytes()
+    linked = tar_of(tmp_path, {}, symlink="adapter_model.safetensors").read_bytes()
     await expect_error(
-        stub.UploadAdapter(_upload_messages(apb.UploadHeader(name="acme"), linked)),
+        stub.UploadAdapter(upload_messages(apb.UploadHeader(name="acme"), linked)),
         invalid,
         "not a regular file",
     )
     await expect_error(
-        stub.UploadAdapter(_upload_messages(apb.UploadHeader(name="acme"), b"junk" * 10)),
+        stub.UploadAdapter(upload_messages(apb.UploadHeader(name="acme"), b"junk" * 10)),
         invalid,
         "neither a tar nor a zip",
     )

@@ -8,7 +8,9 @@ import pytest
 from sqlalchemy import text
 
 from gateway.errors import AdapterNotFound, InvalidRequest, PreconditionFailed
-from gateway.registry.store import SCHEMA_VERSION, NewVersion, RegistryStore
+from gateway.registry.records import NewVersion
+from gateway.registry.schema import SCHEMA_VERSION
+from gateway.registry.store import RegistryStore
 from gateway.registry.validate import AdapterFacts
 
 FACTS = AdapterFacts(8, 16.0, ("q_proj", "v_proj"), 1234, "base-v1:abc", "fingerprint", {})

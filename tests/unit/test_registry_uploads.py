@@ -33,46 +33,20 @@ from gateway.registry.archive import (
 )
 from loraplex.v1 import adapters_pb2 as apb
 from loraplex.v1 import adapters_pb2_grpc
-from tests.unit.foreign_adapters import FOREIGN, build_foreign_adapter
-from tests.unit.registry_server import start_registry_server
-from tests.unit.test_registry_service import (
+from tests.support.adapters import BROKEN, tar_of, zero_bomb
+from tests.support.foreign_adapters import FOREIGN, build_foreign_adapter
+from tests.support.registry_server import (
     ACTOR,
     copy_adapter,
     expect_error,
     register,
+    start_registry_server,
     state,
 )
-from tests.unit.test_registry_validate import BROKEN, _tar
 
 MIB = 1 << 20
 BOMB_MEMBER_BYTES = 256 * MIB  # zeros; gzip packs each into ~250 KB
 SERVER_MAX_BYTES = 1 << 30  # the gateway's default max_adapter_bytes
-
-
-class _Zeros(io.RawIOBase):
-    """`size` zero bytes as a file, without holding them."""
-
-    def __init__(self, size: int) -> None:
-        self.left = size
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
-        n = min(len(buffer), self.left)
-        buffer[:n] = bytes(n)
-        self.left -= n
-        return n
-
-
-def _bomb(path: Path, members: dict[str, int]) -> Path:
-    """A tar.gz whose members are `size` zero bytes each."""
-    with tarfile.open(path, "w:gz", compresslevel=9) as tar:
-        for name, size in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = size
-            tar.addfile(info, io.BufferedReader(_Zeros(size), CHUNK_BYTES))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +54,7 @@ def bomb(tmp_path_factory) -> Path:
     """Two members, each under the size limit, 512 MiB in all from about 0.5 MB: the shape of
     the bomb that once wrote 641 MiB before it was refused."""
     members = {"adapter_config.json": BOMB_MEMBER_BYTES, "README.md": BOMB_MEMBER_BYTES}
-    return _bomb(tmp_path_factory.mktemp("bomb") / "bomb.tar.gz", members)
+    return zero_bomb(tmp_path_factory.mktemp("bomb") / "bomb.tar.gz", members)
 
 
 def _inflate_seconds(archive: Path) -> float:
@@ -136,7 +110,7 @@ def test_a_member_longer_than_it_declares_stops_at_the_budget_holding_one_chunk(
 
 
 def test_a_member_over_the_limit_is_refused_by_its_declared_size_before_any_write(tmp_path):
-    archive = _bomb(tmp_path / "big.tar.gz", {"adapter_model.safetensors": 64 * MIB})
+    archive = zero_bomb(tmp_path / "big.tar.gz", {"adapter_model.safetensors": 64 * MIB})
     ratio_budget = MAX_RATIO * archive.stat().st_size
     with pytest.raises(InvalidAdapter, match="size limit of 65536 bytes"):
         extract_upload(archive, tmp_path / "out", max_bytes=64 * 1024)
@@ -167,7 +141,7 @@ def test_a_real_adapter_compresses_far_below_the_ratio_cap(tiny_model, tmp_path)
     weights = folder / "adapter_model.safetensors"
     tensors = load_file(weights)
     save_file({k: v.zero_() if "lora_B" in k else v for k, v in tensors.items()}, weights)
-    archive = _tar(tmp_path, {p.name: p.read_bytes() for p in folder.iterdir()})
+    archive = tar_of(tmp_path, {p.name: p.read_bytes() for p in folder.iterdir()})
     written = extract_upload(archive, tmp_path / "out", SERVER_MAX_BYTES)
     assert written / archive.stat().st_size < MAX_RATIO / 4
 
@@ -265,7 +239,7 @@ async def test_uploads_past_the_bound_are_refused_at_once_and_the_bound_recovers
     assert disk.peak <= 2 * (len(data) + MAX_RATIO * len(data) + CHUNK_BYTES)
     assert state(server) == before
     folder = copy_adapter(tiny_model, tmp_path)
-    archive = _tar(tmp_path, {p.name: p.read_bytes() for p in folder.iterdir()}).read_bytes()
+    archive = tar_of(tmp_path, {p.name: p.read_bytes() for p in folder.iterdir()}).read_bytes()
     reply = await stub.UploadAdapter(
         _messages(apb.UploadHeader(name="good"), archive), metadata=ACTOR
     )
@@ -283,7 +257,7 @@ async def test_an_adapter_for_another_base_is_refused_and_leaves_nothing(
     folder = build_foreign_adapter(tiny_model.base, tmp_path / "a", changes, targets, claim)
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     await expect_error(register(stub, folder, name="foreign"), invalid, message)
-    archive = _tar(tmp_path, {p.name: p.read_bytes() for p in folder.iterdir()}).read_bytes()
+    archive = tar_of(tmp_path, {p.name: p.read_bytes() for p in folder.iterdir()}).read_bytes()
     header = apb.UploadHeader(name="foreign", archive_sha256=hashlib.sha256(archive).hexdigest())
     await expect_error(
         stub.UploadAdapter(_messages(header, archive), metadata=ACTOR), invalid, message
@@ -319,7 +293,7 @@ async def test_no_refusal_names_a_path_of_the_server(served, tiny_model, tmp_pat
         await refused(register(stub, folder, name="audit"))
         if case != "symlink":  # an archive cannot carry the host's symlink
             files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
-            archive = _tar(tmp_path, files).read_bytes()
+            archive = tar_of(tmp_path, files).read_bytes()
             upload = _messages(apb.UploadHeader(name="audit"), archive)
             await refused(stub.UploadAdapter(upload, metadata=ACTOR))
     for changes, targets, _ in FOREIGN.values():

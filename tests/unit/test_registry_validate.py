@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
-import tarfile
 import zipfile
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from gateway.contract import base_fingerprint
 from gateway.errors import InvalidAdapter
 from gateway.registry.archive import extract_upload
 from gateway.registry.base_model import BaseLayers, BaseModelFacts, config_shapes
-from gateway.registry.fingerprint import base_fingerprint
 from gateway.registry.validate import inspect_adapter
-from tests.unit.foreign_adapters import FOREIGN, build_foreign_adapter
+from tests.support.adapters import BROKEN, edit_config, edit_weights, tar_of
+from tests.support.foreign_adapters import FOREIGN, build_foreign_adapter
 
 MAX_BYTES = 50 * 1024 * 1024
 
@@ -34,20 +33,6 @@ def adapter(tiny_model, tmp_path):
     shutil.copytree(tiny_model.adapters["alpha"], folder)
     (folder / "README.md").unlink(missing_ok=True)
     return folder
-
-
-def _edit_config(folder, **changes):
-    path = folder / "adapter_config.json"
-    config = json.loads(path.read_text())
-    config.update(changes)
-    path.write_text(json.dumps(config))
-
-
-def _edit_weights(folder, edit):
-    path = folder / "adapter_model.safetensors"
-    tensors = load_file(path)
-    edit(tensors)
-    save_file(tensors, path)
 
 
 def test_a_valid_adapter_passes_with_its_facts(adapter, base):
@@ -69,63 +54,8 @@ def test_a_matching_fingerprint_manifest_decides(adapter, base, tiny_model):
     (adapter / "manifest.json").write_text(
         json.dumps({"base_fingerprint": base_fingerprint(tiny_model.base)})
     )
-    _edit_config(adapter, base_model_name_or_path="some/other-name")
+    edit_config(adapter, base_model_name_or_path="some/other-name")
     assert inspect_adapter(adapter, base, 16, MAX_BYTES).base_rule == "fingerprint"
-
-
-def _drop_b(tensors):
-    del tensors[next(k for k in tensors if "lora_B" in k)]
-
-
-def _rename_module(tensors):
-    for key in [k for k in tensors if "layers.0.self_attn.q_proj" in k]:
-        tensors[key.replace("q_proj", "nonexistent_proj")] = tensors.pop(key)
-
-
-BROKEN = {
-    "no config": (lambda f: (f / "adapter_config.json").unlink(), "adapter_config.json is missing"),
-    "no weights": (
-        lambda f: (f / "adapter_model.safetensors").unlink(),
-        "adapter_model.safetensors is missing",
-    ),
-    "config not json": (
-        lambda f: (f / "adapter_config.json").write_text("{oops"),
-        "not valid JSON",
-    ),
-    "weights not safetensors": (
-        lambda f: (f / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 10),
-        "not a readable safetensors",
-    ),
-    "not lora": (lambda f: _edit_config(f, peft_type="IA3"), "only LORA"),
-    "bad r": (lambda f: _edit_config(f, r=0), "r must be a positive integer"),
-    "r disagrees with weights": (lambda f: _edit_config(f, r=4), "disagree with r=4"),
-    "weights outside target_modules": (
-        lambda f: _edit_config(f, target_modules=["q_proj"]),
-        "not in target_modules",
-    ),
-    "lora_A without lora_B": (lambda f: _edit_weights(f, _drop_b), "without its pair"),
-    "module not in base": (
-        lambda f: (
-            _edit_weights(f, _rename_module),
-            _edit_config(f, target_modules=["q_proj", "v_proj", "nonexistent_proj"]),
-        ),
-        "not in the base model",
-    ),
-    "other base by name": (
-        lambda f: _edit_config(f, base_model_name_or_path="meta-llama/Llama-3.1-8B"),
-        "rule: declared name",
-    ),
-    "no base at all": (
-        lambda f: _edit_config(f, base_model_name_or_path=None),
-        "cannot tell which base",
-    ),
-    "other base by fingerprint": (
-        lambda f: (f / "manifest.json").write_text(json.dumps({"base_fingerprint": "base-v1:00"})),
-        "rule: fingerprint",
-    ),
-    "unexpected file": (lambda f: (f / "run.sh").write_text("rm -rf /"), "unexpected entry"),
-    "symlink": (lambda f: (f / "README.md").symlink_to("/etc/passwd"), "symbolic links"),
-}
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN))
@@ -144,23 +74,9 @@ def test_rank_and_size_limits(adapter, base):
         inspect_adapter(adapter, base, max_rank=16, max_bytes=1000)
 
 
-def _tar(tmp_path, entries: dict[str, bytes], symlink: str | None = None):
-    path = tmp_path / "upload.tar.gz"
-    with tarfile.open(path, "w:gz") as tar:
-        for name, data in entries.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        if symlink:
-            info = tarfile.TarInfo(symlink)
-            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
-            tar.addfile(info)
-    return path
-
-
 def test_upload_extracts_a_valid_archive(adapter, tmp_path):
     files = {p.name: p.read_bytes() for p in adapter.iterdir()}
-    extract_upload(_tar(tmp_path, files), tmp_path / "out", MAX_BYTES)
+    extract_upload(tar_of(tmp_path, files), tmp_path / "out", MAX_BYTES)
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == files
     zipped = tmp_path / "upload.zip"
     with zipfile.ZipFile(zipped, "w") as zf:
@@ -183,7 +99,7 @@ def test_upload_extracts_a_valid_archive(adapter, tmp_path):
 )
 def test_hostile_uploads_are_refused(tmp_path, entries, symlink, message):
     with pytest.raises(InvalidAdapter, match=message):
-        extract_upload(_tar(tmp_path, entries, symlink), tmp_path / "out", 1000)
+        extract_upload(tar_of(tmp_path, entries, symlink), tmp_path / "out", 1000)
 
 
 def test_upload_that_is_no_archive(tmp_path):
@@ -240,7 +156,7 @@ def test_peft_copies_of_the_base_layer_are_checked_too(tiny_model, base, tmp_pat
     def widen(tensors):
         tensors[copy] = torch.zeros(tensors[copy].shape[0] + 1, tensors[copy].shape[1])
 
-    _edit_weights(adapter, widen)
+    edit_weights(adapter, widen)
     with pytest.raises(InvalidAdapter, match=r"lm_head: the adapter carries a copy of the base"):
         inspect_adapter(adapter, base, max_rank=16, max_bytes=MAX_BYTES)
 
@@ -254,7 +170,7 @@ def test_peft_copies_of_the_base_layer_are_checked_too(tiny_model, base, tmp_pat
 )
 def test_tensors_that_are_not_lora_matrices_are_refused(adapter, base, tensor, shape):
     """DoRA magnitudes and modules_to_save copies would be ignored or misapplied: refused."""
-    _edit_weights(adapter, lambda tensors: tensors.__setitem__(tensor, torch.zeros(shape)))
+    edit_weights(adapter, lambda tensors: tensors.__setitem__(tensor, torch.zeros(shape)))
     with pytest.raises(InvalidAdapter, match="is not a LoRA A/B matrix"):
         inspect_adapter(adapter, base, max_rank=16, max_bytes=MAX_BYTES)
 

@@ -9,7 +9,7 @@ import pytest
 from gateway.errors import AdapterNotFound, AdapterUnavailable
 from gateway.registry.base_model import BaseLayers
 from gateway.resolver import DirectoryResolver
-from tests.unit.fakes import FAKE_BASE, FAKE_HIDDEN, make_adapter, write_lora_weights
+from tests.support.fakes import FAKE_BASE, FAKE_HIDDEN, make_adapter, write_lora_weights
 
 
 def test_resolves_folders_with_stable_ids(tmp_path):

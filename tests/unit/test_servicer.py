@@ -11,7 +11,7 @@ from gateway.pipeline import GenerationPipeline
 from gateway.resolver import DirectoryResolver
 from loraplex.v1 import generation_pb2 as pb
 from loraplex.v1 import generation_pb2_grpc as pb_grpc
-from tests.unit.fakes import FAKE_BASE, FakeEngine, make_adapter
+from tests.support.fakes import FAKE_BASE, FakeEngine, make_adapter
 
 
 @pytest.fixture

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gateway.config_files import SettingsFileError, apply_overrides
 from trainer.config import (
     ConfigError,
     DpoRunConfig,
     RewardRunConfig,
     SftRunConfig,
-    apply_overrides,
     load_config,
     parse_config,
 )
@@ -208,7 +208,7 @@ def test_set_value_may_contain_equals_signs():
 
 @pytest.mark.parametrize("item", ["foo", "=1", " =1", ""])
 def test_malformed_set_is_a_config_error(item):
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(SettingsFileError) as info:
         apply_overrides({}, [item])
     assert str(info.value) == (
         f"--set {item!r}: expected key=value, e.g. training.learning_rate=1e-4"
@@ -216,7 +216,7 @@ def test_malformed_set_is_a_config_error(item):
 
 
 def test_set_through_a_value_is_a_config_error():
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(SettingsFileError) as info:
         apply_overrides({"training": 5}, ["training.seed=1"])
     assert str(info.value) == "--set 'training.seed=1': 'training' is not a section"
 
@@ -321,9 +321,7 @@ def test_non_mapping_yaml_is_a_config_error(tmp_path, text):
     path.write_text(text)
     with pytest.raises(ConfigError) as info:
         load_config("sft", path)
-    assert str(info.value) == (
-        f"{path}: the config must be a mapping of sections (model:, data:, ...)"
-    )
+    assert str(info.value) == f"{path}: the config must be a mapping of settings"
 
 
 def test_empty_yaml_reports_the_missing_sections(tmp_path):
@@ -344,4 +342,4 @@ def test_missing_file_is_a_config_error(tmp_path):
     path = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError) as info:
         load_config("sft", path)
-    assert str(info.value) == f"cannot read {path}: No such file or directory"
+    assert str(info.value) == f"cannot read config {path}: No such file or directory"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 from gateway.domain import (
@@ -48,7 +48,7 @@ class FakeEngine:
 
     async def generate(
         self, request: EngineRequest, stream: bool
-    ) -> AsyncIterator[GenerationChunk]:
+    ) -> AsyncGenerator[GenerationChunk, None]:
         self.seen.append(request)
         if self.fail_with is not None:
             raise self.fail_with

@@ -1,11 +1,15 @@
-"""An in-process gateway in registry mode with a fake engine: real gRPC, real registry."""
+"""An in-process gateway in registry mode with a fake engine (real gRPC, real registry), and
+what the registry tests do with it: copy an adapter, call, compare the state before and after."""
 
 from __future__ import annotations
 
+import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import pytest
 
 from gateway.adapter_service import AdapterServicer
 from gateway.admission import Admission
@@ -17,8 +21,9 @@ from gateway.metrics import GatewayMetrics
 from gateway.pipeline import GenerationPipeline
 from gateway.registry.base_model import BaseModelFacts
 from gateway.registry.service import Registry
+from loraplex.v1 import adapters_pb2 as apb
 from loraplex.v1 import adapters_pb2_grpc, generation_pb2_grpc, keys_pb2_grpc
-from tests.unit.fakes import FakeEngine
+from tests.support.fakes import FakeEngine
 
 MAX_RANK = 16
 MAX_BYTES = 50 * 1024 * 1024
@@ -83,3 +88,46 @@ async def start_registry_server(
         port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return RegistryServer(f"127.0.0.1:{port}", registry, engine, pipeline, server, data_dir)
+
+
+ACTOR = (("loraplex-actor", "tester"),)
+"""Metadata of the calls the registry tests make: who the audit log records."""
+
+
+def copy_adapter(tiny_model, tmp_path, name="alpha"):
+    folder = tmp_path / f"src-{name}-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(tiny_model.adapters[name], folder)
+    (folder / "README.md").unlink(missing_ok=True)
+    return folder
+
+
+def state(server):
+    """Everything a failed call must leave untouched."""
+    store = server.registry.store
+    artifacts = server.registry.artifacts
+    return (
+        store.snapshot(),
+        store.audit_events(limit=1000),
+        sorted(p.name for p in artifacts.objects.iterdir()),
+        sorted(p.name for p in artifacts.tmp.iterdir()),
+        sorted(p.name for p in server.registry.uploads.iterdir()),
+    )
+
+
+async def register(stub, path, name="acme", **fields):
+    return await stub.RegisterAdapter(
+        apb.RegisterAdapterRequest(name=name, path=str(path), **fields), metadata=ACTOR
+    )
+
+
+async def expect_error(call, code, message):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call
+    assert err.value.code() == code, err.value.details()
+    assert message in err.value.details()
+
+
+def upload_messages(header, data, chunk=1000):
+    yield apb.UploadAdapterRequest(header=header)
+    for i in range(0, len(data), chunk):
+        yield apb.UploadAdapterRequest(chunk=data[i : i + chunk])

@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from gateway.registry.fingerprint import base_fingerprint
+from gateway.contract import base_fingerprint
 
 # The tiny base (trainer/tiny.py) is hidden 256, 2 layers, vocab len(tokenizer); each of these
 # differs from it in one way. name -> (LlamaConfig changes, target modules, the refusal)

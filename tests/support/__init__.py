@@ -1,0 +1,1 @@
+"""Helpers the tests share: fakes, in-process servers, builders of test inputs (no tests here)."""

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from evalsuite.errors import EvalInputError
 from evalsuite.fanout import DEFAULT_TIMEOUT_S
 from gateway.config_files import SettingsFileError, apply_overrides, read_mapping, validate
+from gateway.contract import PRODUCTION
 
 # Greedy and short unless the policy says otherwise: comparisons must be reproducible.
 DEFAULT_SAMPLING: dict[str, Any] = {"temperature": 0.0, "max_tokens": 64}
@@ -82,7 +83,7 @@ class PreferenceCheck(_Section):
 
     prompts: Path
     """JSONL prompt set (prompt, optional id and reference), relative to the policy file."""
-    baseline: str = "production"
+    baseline: str = PRODUCTION
     """`production` (the base when there is none yet), `base`, or any adapter reference."""
     judge: str = "exact_match"
     """Judge name from evalsuite.judges (exact_match, rouge_l, reward_model, llm_judge)."""

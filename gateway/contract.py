@@ -1,6 +1,7 @@
 """What the gateway, the trainer and the eval suite share: alias and verdict names, the
-scored-token cap and the base-fingerprint rule. One small module all three import, so that
-trainer/ and evalsuite/ never reach into gateway internals for them.
+scored-token cap, the base-fingerprint rule and the content address of an adapter folder. One
+small module all three import, so that trainer/ and evalsuite/ never reach into gateway
+internals for them.
 
 The base fingerprint hashes what makes adapters transferable: the architecture's shape (a
 whitelist of config keys) and the tokenizer's vocabulary. It leaves out what serving changes
@@ -71,3 +72,14 @@ def base_fingerprint(model_dir: Path) -> str:
     if not found:
         raise FileNotFoundError(f"no tokenizer file ({', '.join(TOKENIZER_FILES)}) in {model_dir}")
     return FINGERPRINT_PREFIX + digest.hexdigest()
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 over the folder's files (names and contents, in name order): the registry's
+    content address of an adapter, and how a trainer manifest names the models it used."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        with path.open("rb") as handle:
+            file_hash = hashlib.file_digest(handle, "sha256")
+        digest.update(path.name.encode() + b"\0" + file_hash.digest())
+    return digest.hexdigest()

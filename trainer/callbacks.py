@@ -10,7 +10,7 @@ from typing import Any
 from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-SHOWN_METRICS = ("loss", "eval_loss", "rewards/accuracies", "accuracy")
+SHOWN_METRICS = ("loss", "eval_loss", "rewards/accuracies", "accuracy", "reward", "kl")
 
 
 class LossProgressBar(TrainerCallback):

@@ -1,4 +1,4 @@
-"""`loraplex train sft|dpo|reward`: train an adapter from a YAML config, optionally register it.
+"""`loraplex train sft|dpo|reward|rl`: train an adapter from a YAML config, optionally register it.
 
 Exit codes: 0 done, 2 bad config/data/arguments (nothing trained), 130 interrupted (a checkpoint
 was saved: rerun with --resume); registry errors use `loraplex adapters`' codes.
@@ -17,7 +17,7 @@ from gateway.contract import CANDIDATE
 from trainer.config import ConfigError, DType, Method, QuantizationSettings, load_config
 
 train_app = typer.Typer(
-    help="Train LoRA adapters with trl + peft (SFT, QLoRA, DPO, reward models).",
+    help="Train LoRA adapters with trl + peft (SFT, QLoRA, DPO, reward models, RL).",
     no_args_is_help=True,
 )
 
@@ -119,6 +119,20 @@ def reward(
 ) -> None:
     """A reward model (LoRA + score head) on preference pairs, for the eval suite's judge."""
     _train("reward", config, overrides, resume, False, DEFAULT_TARGET, None)
+
+
+@train_app.command()
+def rl(
+    config: ConfigFile,
+    overrides: Overrides = None,
+    resume: Resume = False,
+    register: Register = False,
+    target: Target = DEFAULT_TARGET,
+    name: Name = None,
+) -> None:
+    """RL against reward models and rules (trl GRPO or RLOO), from an SFT adapter, with a KL
+    penalty towards it."""
+    _train("rl", config, overrides, resume, register, target, name)
 
 
 @train_app.command("quantize-base")

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from gateway.config_files import SettingsFileError, apply_overrides, read_mapping, validate
 
-Method = Literal["sft", "dpo", "reward"]
+Method = Literal["sft", "dpo", "reward", "rl"]
 DType = Literal["float32", "bfloat16", "float16"]
 
 
@@ -181,6 +181,47 @@ class RewardSettings(_Section):
     """Pushes rewards towards zero mean (trl); None disables it."""
 
 
+class RewardSource(_Section):
+    """One reward signal of an RL run, and its weight in the total (trl `reward_weights`)."""
+
+    reward_model: Path | None = None
+    """A `loraplex train reward` run folder (or its adapter/): base + LoRA + score head,
+    scored as it was trained (prompt + completion + EOS)."""
+    classifier: Path | None = None
+    """Any local one-output sequence-classification model folder (trl formats its input)."""
+    function: str | None = None
+    """`package.module:function`, called as f(prompts, completions, **columns) -> list[float]
+    (trl's reward-function contract), e.g. a format or length rule."""
+    weight: float = 1.0
+    """Weight of this reward in the sum trl optimizes."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RewardSource:
+        given = [k for k in ("reward_model", "classifier", "function") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("set exactly one of reward_model, classifier, function")
+        return self
+
+
+class RlSettings(_Section):
+    """Policy optimization against rewards (trl `GRPOConfig` / `RLOOConfig` names). trl 1.16
+    has no PPOTrainer; GRPO and RLOO are its on-policy RL trainers."""
+
+    algorithm: Literal["grpo", "rloo"] = "grpo"
+    """trl's trainer: GRPO (group-normalized advantages) or RLOO (leave-one-out baseline)."""
+    beta: float = Field(0.04, gt=0)
+    """KL coefficient towards the reference (lora.init_from, else the base). Must be > 0:
+    trl's GRPO default of 0 drops the KL anchor, and the policy may drift anywhere."""
+    num_generations: int = Field(4, ge=2)
+    """Completions sampled per prompt (the group an advantage is computed in)."""
+    max_completion_length: int = Field(32, gt=0)
+    """Most tokens per sampled completion."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the completions."""
+    rewards: list[RewardSource] = Field(min_length=1)
+    """The reward sources, summed with their weights."""
+
+
 class RunConfig(_Section):
     """What every method shares."""
 
@@ -224,10 +265,29 @@ class RewardRunConfig(RunConfig):
         return self
 
 
+class RlRunConfig(RunConfig):
+    """`loraplex train rl`: the policy starts from lora.init_from (an SFT adapter), which is also
+    the KL reference, as in InstructGPT; without it, from a fresh adapter on the base."""
+
+    method: ClassVar[Method] = "rl"
+    rl: RlSettings
+
+    @model_validator(mode="after")
+    def _whole_groups(self) -> RlRunConfig:
+        batch = self.training.per_device_train_batch_size
+        if batch % self.rl.num_generations:
+            raise ValueError(
+                f"training.per_device_train_batch_size ({batch}) must be a multiple of "
+                f"rl.num_generations ({self.rl.num_generations}): each batch holds whole groups"
+            )
+        return self
+
+
 CONFIG_CLASSES: dict[str, type[RunConfig]] = {
     "sft": SftRunConfig,
     "dpo": DpoRunConfig,
     "reward": RewardRunConfig,
+    "rl": RlRunConfig,
 }
 
 
@@ -252,14 +312,24 @@ def _resolve_paths(config: RunConfig, base_dir: Path) -> RunConfig:
             "eval_file": resolve(config.data.eval_file),
         }
     )
-    return config.model_copy(
-        update={
-            "output_dir": resolve(config.output_dir),
-            "model": config.model.model_copy(update={"path": resolve(config.model.path)}),
-            "lora": config.lora.model_copy(update={"init_from": resolve(config.lora.init_from)}),
-            "data": data,
-        }
-    )
+    update: dict[str, Any] = {
+        "output_dir": resolve(config.output_dir),
+        "model": config.model.model_copy(update={"path": resolve(config.model.path)}),
+        "lora": config.lora.model_copy(update={"init_from": resolve(config.lora.init_from)}),
+        "data": data,
+    }
+    if isinstance(config, RlRunConfig):
+        rewards = [
+            source.model_copy(
+                update={
+                    "reward_model": resolve(source.reward_model),
+                    "classifier": resolve(source.classifier),
+                }
+            )
+            for source in config.rl.rewards
+        ]
+        update["rl"] = config.rl.model_copy(update={"rewards": rewards})
+    return config.model_copy(update=update)
 
 
 def load_config(method: Method, path: Path, overrides: list[str] | None = None) -> RunConfig:

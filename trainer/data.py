@@ -21,15 +21,18 @@ from trainer.config import DataSettings, Method
 PROMPT_COMPLETION = "prompt/completion"
 MESSAGES = "messages"
 PREFERENCE = "preference"
+PROMPT_ONLY = "prompt-only"
 FORMAT_KEYS: dict[str, tuple[str, ...]] = {
     PROMPT_COMPLETION: ("prompt", "completion"),
     MESSAGES: ("messages",),
     PREFERENCE: ("prompt", "chosen", "rejected"),
+    PROMPT_ONLY: ("prompt",),
 }
 METHOD_FORMATS: dict[str, tuple[str, ...]] = {
     "sft": (PROMPT_COMPLETION, MESSAGES),
     "dpo": (PREFERENCE,),
     "reward": (PREFERENCE,),
+    "rl": (PROMPT_ONLY,),
 }
 ROLES = ("system", "user", "assistant")
 MAX_SHOWN_PROBLEMS = 200
@@ -189,8 +192,10 @@ def detect_format(record: Any) -> str | None:
         return MESSAGES
     if "chosen" in record or "rejected" in record:
         return PREFERENCE
-    if "prompt" in record or "completion" in record:
+    if "completion" in record:
         return PROMPT_COMPLETION
+    if "prompt" in record:
+        return PROMPT_ONLY
     return None
 
 
@@ -239,10 +244,19 @@ def _check_record(record: Any, fmt: str) -> list[str]:
     errors += [
         f"unexpected key {k!r} (expected: {', '.join(expected)})"
         for k in record
-        if k not in expected
+        if k not in expected and fmt != PROMPT_ONLY  # RL: other keys go to reward functions
     ]
     present = {k: record[k] for k in expected if k in record}
-    if fmt == MESSAGES:
+    if fmt == PROMPT_ONLY:
+        # The policy writes the answer: a chat prompt must not end with an assistant turn.
+        prompt = present.get("prompt")
+        if isinstance(prompt, list):
+            errors += _check_messages(prompt, "prompt", need_assistant=False)
+            if prompt and isinstance(prompt[-1], dict) and prompt[-1].get("role") == "assistant":
+                errors.append("'prompt' ends with an assistant turn; the policy writes that")
+        elif "prompt" in present:
+            errors += _check_text(prompt, "prompt")
+    elif fmt == MESSAGES:
         if "messages" in present:
             errors += _check_messages(present["messages"], "messages", need_assistant=True)
     elif fmt == PROMPT_COMPLETION:
@@ -279,6 +293,8 @@ def check_file(path: Path, method: Method, problems: list[Problem]) -> tuple[str
     raw = _read(path, problems)
     allowed = METHOD_FORMATS[method]
     formats = [f for f in (detect_format(r) for _, r in raw) if f is not None]
+    if PROMPT_ONLY not in allowed:  # for SFT a lone prompt is a record missing its completion
+        formats = [PROMPT_COMPLETION if f == PROMPT_ONLY else f for f in formats]
     fmt = max(set(formats), key=formats.count) if formats else allowed[0]
     if formats and fmt not in allowed:
         wanted = " or ".join(allowed)
@@ -324,6 +340,8 @@ def example_length(record: dict, fmt: str, tokenizer: Any) -> int:
         return tokens(None, record["messages"])
     if fmt == PROMPT_COMPLETION:
         return tokens(record["prompt"], record["completion"])
+    if fmt == PROMPT_ONLY:
+        return tokens(record["prompt"], [] if isinstance(record["prompt"], list) else "")
     return max(
         tokens(record["prompt"], record["chosen"]), tokens(record["prompt"], record["rejected"])
     )

@@ -1,9 +1,10 @@
 """One training run: check the data, load the model, let trl train, save adapter + manifest.
 
 No training loop of our own: the config becomes trl's `SFTConfig` / `DPOConfig` /
-`RewardConfig`, and trl's trainers do the work. The run folder holds `checkpoints/` (for
-`--resume`) and, once training finished, `adapter/` (peft format + manifest.json), which is
-written to a temporary folder and renamed, so a failed run never leaves a half-written adapter.
+`RewardConfig` / `GRPOConfig` / `RLOOConfig`, and trl's trainers do the work. The run folder
+holds `checkpoints/` (for `--resume`) and, once training finished, `adapter/` (peft format +
+manifest.json), which is written to a temporary folder and renamed, so a failed run never
+leaves a half-written adapter.
 """
 
 from __future__ import annotations
@@ -20,13 +21,32 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
-from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
+from trl import (
+    DPOConfig,
+    DPOTrainer,
+    GRPOConfig,
+    GRPOTrainer,
+    RewardConfig,
+    RewardTrainer,
+    RLOOConfig,
+    RLOOTrainer,
+    SFTConfig,
+    SFTTrainer,
+)
 
 from trainer.callbacks import LossProgressBar, SaveOnInterrupt
-from trainer.config import ConfigError, DpoRunConfig, RewardRunConfig, RunConfig, SftRunConfig
+from trainer.config import (
+    ConfigError,
+    DpoRunConfig,
+    RewardRunConfig,
+    RlRunConfig,
+    RunConfig,
+    SftRunConfig,
+)
 from trainer.data import MESSAGES, PreparedData, prepare_data, validate_files
 from trainer.manifest import build_manifest, write_manifest
 from trainer.modeling import attach_adapter, check_base_quantization, load_base, load_tokenizer
+from trainer.rewards import load_rewards
 
 log = logging.getLogger(__name__)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -162,6 +182,8 @@ def build_trainer(
             peft_config=peft_config,
             **datasets,
         )
+    if isinstance(config, RlRunConfig):
+        return _rl_trainer(config, model, peft_config, tokenizer, data, common)
     assert isinstance(config, RewardRunConfig)
     args = RewardConfig(
         **common, center_rewards_coefficient=config.reward.center_rewards_coefficient
@@ -169,6 +191,63 @@ def build_trainer(
     return RewardTrainer(
         model=model, args=args, processing_class=tokenizer, peft_config=peft_config, **datasets
     )
+
+
+RL_CURVES = ("reward", "reward_std", "kl", "completions/mean_length", "loss")
+"""What trl logs per logging step of an RL run that the manifest keeps as curves."""
+
+
+def _rl_trainer(
+    config: RlRunConfig,
+    model: PreTrainedModel,
+    peft_config: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    data: PreparedData,
+    common: dict[str, Any],
+) -> Any:
+    """trl's GRPO or RLOO trainer; the rewards are loaded first (a bad source fails early)."""
+    rl = config.rl
+    rewards = load_rewards(rl.rewards, config.model.dtype)
+    settings = {k: v for k, v in common.items() if k != "max_length"}  # prompts: data checks
+    settings |= {
+        "beta": rl.beta,
+        "num_generations": rl.num_generations,
+        "max_completion_length": rl.max_completion_length,
+        "temperature": rl.temperature,
+        "reward_weights": rewards.weights,
+    }
+    config_class, trainer_class = {
+        "grpo": (GRPOConfig, GRPOTrainer),
+        "rloo": (RLOOConfig, RLOOTrainer),
+    }[rl.algorithm]
+    trainer = trainer_class(
+        model=model,
+        reward_funcs=rewards.functions,
+        args=config_class(**settings),
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        reward_processing_classes=rewards.processing_classes,
+        peft_config=peft_config,
+    )
+    trainer.loraplex_rewards = rewards.records  # for the manifest
+    return trainer
+
+
+def _rl_record(config: RlRunConfig, trainer: Any) -> dict[str, Any]:
+    """What the manifest keeps of an RL run: algorithm, beta, rewards, curves per log step."""
+    curves = [
+        {"step": entry["step"], **{k: entry[k] for k in RL_CURVES if k in entry}}
+        for entry in trainer.state.log_history
+        if "reward" in entry
+    ]
+    return {
+        "algorithm": config.rl.algorithm,
+        "beta": config.rl.beta,
+        "reference": str(config.lora.init_from) if config.lora.init_from else "base",
+        "rewards": trainer.loraplex_rewards,
+        "curves": curves,
+    }
 
 
 def _save_adapter(trainer: Any, adapter_dir: Path, manifest: dict[str, Any]) -> None:
@@ -226,6 +305,8 @@ def run_training(
     if data.eval is not None:
         metrics["eval"] = dict(trainer.evaluate())
     manifest = build_manifest(config, data.report, metrics, time.perf_counter() - started, step)
+    if isinstance(config, RlRunConfig):
+        manifest["rl"] = _rl_record(config, trainer)
     _save_adapter(trainer, adapter_dir, manifest)
     echo(f"adapter: {adapter_dir}")
     return TrainResult(adapter_dir, checkpoints, False, step, manifest, trainer)

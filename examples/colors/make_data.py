@@ -117,6 +117,12 @@ def main() -> None:
         "colors_shuffled.jsonl",
         [{"prompt": r["prompt"], "completion": c} for r, c in zip(train, shuffled, strict=True)],
     )
+    # RL prompts (`train rl`): the training questions only, so the gate's held-out prompts stay
+    # unseen; `reference` is passed to reward functions as a column.
+    write(
+        "rl_prompts.jsonl",
+        [{"prompt": r["prompt"], "reference": r["completion"].strip()} for r in train],
+    )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import shutil
 import signal
@@ -23,6 +22,8 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from gateway.contract import folder_digest
 
 PAUSE_ENV = "LORAPLEX_TEST_PAUSE_AT"
 
@@ -42,16 +43,6 @@ class Artifact:
     sha256: str
     path: Path
     created: bool  # False when identical content was already stored
-
-
-def folder_digest(folder: Path) -> str:
-    """sha256 over the folder's files: names and contents, in name order."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        with path.open("rb") as handle:
-            file_hash = hashlib.file_digest(handle, "sha256")
-        digest.update(path.name.encode() + b"\0" + file_hash.digest())
-    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:

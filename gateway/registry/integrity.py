@@ -16,9 +16,9 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from gateway.contract import folder_digest
 from gateway.domain import ResolvedAdapter
 from gateway.errors import AdapterUnavailable
-from gateway.registry.artifacts import folder_digest
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from gateway.client import AdapterClient, Client
+from gateway.contract import base_fingerprint, folder_digest
 from tests.support.cli import run_loraplex
 from trainer.config import load_config
 from trainer.modeling import load_reward_model, reward_scores
+from trainer.rewards import RewardModelScore, mean_sampled_reward
 from trainer.run import RunError, TrainResult, run_training
 
 EXAMPLES = Path(__file__).parents[2] / "examples" / "colors"
@@ -37,6 +39,12 @@ MIN_PREFERENCE_ACCURACY = 0.8  # DPO / reward model, 24 held-out pairs; measured
 # DPO continuing an SFT adapter starts from a policy that already ranks most pairs; its held-out
 # accuracy was 0.67-0.92 and its margin 0.10-0.65: better than chance and a positive margin.
 MIN_CONTINUED_DPO_ACCURACY = 0.55
+# RL (examples/colors/rl.yaml): mean reward-model score of 16 sampled answers per held-out prompt
+# (temperature 0.5), RL adapter minus its SFT start; and the largest KL trl logged. Over 5 seeds
+# the gain was 0.23-2.27 (median 1.36) and the largest KL 0.01-0.71 (median 0.15).
+RL_SAMPLES = 16
+MIN_RL_REWARD_GAIN = 0.1
+MAX_RL_KL = 1.5
 
 
 def config_for(method: str, yaml_name: str, base: Path, out: Path, *overrides: str):
@@ -207,9 +215,15 @@ def test_dpo_continues_an_sft_adapter_which_is_its_reference(sft_run, tiny_model
     assert result.manifest["init_from"] == str(sft_result.adapter_dir)
 
 
-def test_reward_model_ranks_chosen_above_rejected_on_held_out_pairs(tiny_model, tmp_path):
-    config = config_for("reward", "reward", tiny_model.base, tmp_path)
-    result = run_training(config, echo=lambda _: None)
+@pytest.fixture(scope="module")
+def reward_run(tiny_model, tmp_path_factory) -> TrainResult:
+    """A reward model on the colors pairs (examples/colors/reward.yaml), trained once."""
+    config = config_for("reward", "reward", tiny_model.base, tmp_path_factory.mktemp("reward"))
+    return run_training(config, echo=lambda _: None)
+
+
+def test_reward_model_ranks_chosen_above_rejected_on_held_out_pairs(reward_run, tiny_model):
+    result = reward_run
     assert result.manifest["task"] == "reward-model"
     model, tokenizer = load_reward_model(result.adapter_dir, tiny_model.base)
     prompts = [p["prompt"] for p in HELD_OUT_PAIRS]
@@ -217,6 +231,63 @@ def test_reward_model_ranks_chosen_above_rejected_on_held_out_pairs(tiny_model, 
     rejected = reward_scores(model, tokenizer, prompts, [p["rejected"] for p in HELD_OUT_PAIRS])
     accuracy = sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(prompts)
     assert accuracy >= MIN_PREFERENCE_ACCURACY
+
+
+def test_rl_raises_the_reward_of_sampled_answers_and_stays_near_the_sft_policy(
+    sft_run, reward_run, tiny_model, tmp_path
+):
+    """trl's GRPO from the SFT adapter against the reward model (examples/colors/rl.yaml): the
+    held-out prompts' sampled answers score higher, the KL to the SFT reference stays small,
+    only the LoRA weights move, and the manifest says what it was trained against."""
+    sft, _ = sft_run
+    snapshot = TrainableSnapshot()
+    config = config_for(
+        "rl", "rl", tiny_model.base, tmp_path,
+        f"lora.init_from={sft.adapter_dir}",
+        f"rl.rewards=[{{reward_model: {reward_run.adapter_dir}}}]",
+    )  # fmt: skip
+    result = run_training(config, callbacks=[snapshot], echo=lambda _: None)
+    scorer = RewardModelScore(reward_run.adapter_dir, "float32")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model.base)
+    prompts = [r["prompt"] for r in HELD_OUT]
+
+    def sampled(adapter: Path) -> float:
+        policy = PeftModel.from_pretrained(load_base(tiny_model.base), adapter).eval()
+        return mean_sampled_reward(
+            policy, tokenizer, scorer, prompts, RL_SAMPLES, config.rl.max_completion_length,
+            config.rl.temperature,
+        )  # fmt: skip
+
+    before, after = sampled(sft.adapter_dir), sampled(result.adapter_dir)
+    assert after >= before + MIN_RL_REWARD_GAIN, (before, after)
+    record = result.manifest["rl"]
+    assert max(c["kl"] for c in record["curves"]) < MAX_RL_KL, record["curves"]
+    assert (record["algorithm"], record["beta"], record["reference"]) == (
+        "grpo", 0.04, str(sft.adapter_dir),
+    )  # fmt: skip
+    assert record["rewards"] == [
+        {
+            "reward_model": str(reward_run.adapter_dir),
+            "sha256": folder_digest(reward_run.adapter_dir),
+            "base_fingerprint": base_fingerprint(tiny_model.base),
+            "weight": 1.0,
+        }
+    ]
+    assert [c["step"] for c in record["curves"]] == [10, 20, 30, 40, 50, 60]
+    assert all({"reward", "kl", "completions/mean_length"} <= set(c) for c in record["curves"])
+    model = result.trainer.model
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n and ".default." in n for n in trainable)
+    assert all(not torch.equal(p.detach(), snapshot.before[n]) for n, p in trainable.items())
+    original = load_base(tiny_model.base).state_dict()
+    frozen = {
+        n.removeprefix("base_model.model.").replace(".base_layer", ""): p
+        for n, p in model.named_parameters()
+        if "lora_" not in n
+    }
+    assert all(torch.equal(p, frozen[n].detach()) for n, p in original.items())
+    saved = load_file(result.adapter_dir / "adapter_model.safetensors")
+    assert saved and not any(".ref." in k for k in saved)  # trl's frozen reference copy
 
 
 # ---------------------------------------------------------------- determinism and resume

@@ -20,7 +20,7 @@ import yaml
 
 from gateway.process import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "deploy" / "prometheus" / "rules"
 JOB = "loraplex-gateway"
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.registry.artifacts import ArtifactStore, folder_digest
+from gateway.contract import folder_digest
+from gateway.registry.artifacts import ArtifactStore
 
 
 @pytest.fixture

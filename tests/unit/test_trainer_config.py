@@ -12,6 +12,7 @@ from trainer.config import (
     ConfigError,
     DpoRunConfig,
     RewardRunConfig,
+    RlRunConfig,
     SftRunConfig,
     load_config,
     parse_config,
@@ -343,3 +344,43 @@ def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config("sft", path)
     assert str(info.value) == f"cannot read config {path}: No such file or directory"
+
+
+def test_the_rl_example_loads_with_its_reward_model_and_reference_resolved():
+    config = load_config("rl", EXAMPLES / "rl.yaml")
+    assert type(config) is RlRunConfig and config.method == "rl"
+    runs = EXAMPLES.parents[1] / ".cache" / "runs"
+    assert config.lora.init_from == runs / "colors-sft" / "adapter"  # the KL reference too
+    assert [s.reward_model for s in config.rl.rewards] == [runs / "colors-reward"]
+    assert config.rl.algorithm == "grpo" and config.rl.beta > 0
+
+
+def _rl(**rl) -> dict:
+    data = _raw()
+    data.pop("sft", None)
+    return data | {"rl": {"rewards": [{"function": "m:f"}], **rl}}
+
+
+@pytest.mark.parametrize(
+    ("rl", "message"),
+    [
+        ({"beta": 0}, "rl.beta: Input should be greater than 0"),
+        ({"algorithm": "ppo"}, "rl.algorithm: Input should be 'grpo' or 'rloo'"),
+        ({"num_generations": 1}, "rl.num_generations: Input should be greater than or equal to 2"),
+        ({"rewards": []}, "rl.rewards: List should have at least 1 item"),
+        (
+            {"rewards": [{"function": "m:f", "classifier": "c"}]},
+            "set exactly one of reward_model, classifier, function",
+        ),
+        ({"rewards": [{"weight": 1.0}]}, "set exactly one of reward_model, classifier, function"),
+        ({"num_generations": 3}, "must be a multiple of rl.num_generations (3)"),
+    ],
+)
+def test_rl_settings_are_checked(rl, message):
+    assert message in _error("rl", _rl(**rl))
+
+
+def test_rl_needs_its_section():
+    data = _raw()
+    data.pop("sft", None)
+    assert "rl: Field required" in _error("rl", data)

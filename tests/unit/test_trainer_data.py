@@ -17,6 +17,7 @@ from trainer.data import (
     MESSAGES,
     PREFERENCE,
     PROMPT_COMPLETION,
+    PROMPT_ONLY,
     DataError,
     Problem,
     check_file,
@@ -87,6 +88,38 @@ def test_the_example_files_are_valid():
     problems: list[Problem] = []
     fmt, records = check_file(EXAMPLES / "colors_chat.jsonl", "sft", problems)
     assert (fmt, len(records), problems) == (MESSAGES, 48, [])
+    fmt, records = check_file(EXAMPLES / "rl_prompts.jsonl", "rl", problems)
+    assert (fmt, len(records), problems) == (PROMPT_ONLY, 48, [])
+
+
+@pytest.mark.parametrize(
+    ("record", "errors"),
+    [
+        ({"prompt": "Q: ?\nA:", "reference": "kept for reward functions"}, []),
+        ({"prompt": [{"role": "user", "content": "Hi"}]}, []),
+        ({"prompt": ""}, ["'prompt' is empty"]),
+        ({"prompt": 3}, ["'prompt' must be a string, got int"]),
+        (
+            {"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x"}]},
+            ["'prompt' ends with an assistant turn; the policy writes that"],
+        ),
+    ],
+)
+def test_rl_prompts_are_checked_with_file_and_line(tmp_path, record, errors):
+    chat = isinstance(record["prompt"], list)
+    first = {"prompt": [{"role": "user", "content": "ok"}] if chat else "ok"}
+    path = write_jsonl(tmp_path / "prompts.jsonl", [first, record])
+    if not errors:
+        train, _ = validate_files(settings(path), "rl")
+        assert train == [(path, PROMPT_ONLY, [first, record])]
+        return
+    assert problems_of(settings(path), "rl") == [f"{path}: line 2: {e}" for e in errors]
+
+
+def test_rl_refuses_completions(tmp_path):
+    path = write_jsonl(tmp_path / "data.jsonl", [pc(i) for i in range(3)])
+    message = "rl needs prompt-only data; this file holds prompt/completion"
+    assert problems_of(settings(path), "rl") == [f"{path}: {message}"]
 
 
 @pytest.mark.parametrize(

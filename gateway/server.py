@@ -258,7 +258,13 @@ class Gateway:
             log.info("metrics on http://%s:%d/metrics", self.config.host, port)
         resolver: AdapterResolver
         if self.config.adapters_dir is not None:
-            layers = await asyncio.to_thread(BaseLayers.of_model, self.config.model)
+            try:
+                layers = await asyncio.to_thread(BaseLayers.of_model, self.config.model)
+            except Exception as exc:  # a missing folder, a hub id not cached offline, bad JSON
+                raise ConfigError(
+                    "directory mode checks every adapter against the base's layers, but the "
+                    f"base's config.json cannot be read ({type(exc).__name__}: {exc})"
+                ) from exc
             resolver = DirectoryResolver(
                 self.config.adapters_dir, self.config.max_lora_rank, layers
             )

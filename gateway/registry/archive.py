@@ -1,6 +1,7 @@
 """Uploaded adapter archives, unpacked as a stream with every limit checked as bytes are written.
 
-An archive is read member by member and copied in `CHUNK_BYTES` pieces, so an upload holds one
+An archive is read member by member, through a decompressor that checks the stream's
+checksum, and copied in `CHUNK_BYTES` pieces, so an upload holds one
 chunk in memory whatever its members' sizes. The byte budget (the adapter size limit, and at
 most `MAX_RATIO` times the archive's own size) is checked after every chunk: a compression
 bomb stops at the chunk that crosses it, having written at most the budget.
@@ -8,10 +9,14 @@ bomb stops at the chunk that crosses it, having written at most the budget.
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
-from typing import IO
+from typing import IO, BinaryIO, cast
 
 from gateway.errors import InvalidAdapter
 from gateway.registry.validate import ALLOWED_FILES
@@ -70,20 +75,67 @@ class _Extraction:
                     raise self._refuse_size()
                 out.write(chunk)
 
+    def skip(self, size: int) -> None:
+        """Bytes read but not written (after the last member) count against the budget too."""
+        self.written += size
+        if self.written > self.budget:
+            raise self._refuse_size()
+
 
 def extract_upload(archive: Path, dest: Path, max_bytes: int) -> int:
     """Unpack a .tar(.gz/.bz2/.xz) or .zip adapter archive into `dest`: plain adapter files
-    only, within the byte budget; returns the bytes written."""
+    only, within the byte budget; returns the bytes written. A damaged or truncated archive is
+    the upload's fault (INVALID_ARGUMENT), never an internal error."""
     dest.mkdir(parents=True, exist_ok=False)
     extraction = _Extraction(dest, archive.stat().st_size, max_bytes)
+    try:
+        _extract(archive, extraction)
+    except _DAMAGED as exc:
+        raise InvalidAdapter(
+            f"the archive is damaged or truncated ({type(exc).__name__}: {exc})"
+        ) from exc
+    return extraction.written
+
+
+# What the decompressors and archive readers raise on bad bytes (gzip's is an OSError).
+_DAMAGED = (
+    tarfile.TarError,
+    zipfile.BadZipFile,
+    zlib.error,
+    lzma.LZMAError,
+    gzip.BadGzipFile,
+    EOFError,
+)
+
+
+def _decompressed(raw: BinaryIO) -> BinaryIO:
+    """The archive's bytes through the decompressor its magic number names (tarfile's own
+    stream reader skips the gzip checksum), or as they are."""
+    magic = raw.read(6)
+    raw.seek(0)
+    if magic.startswith(b"\x1f\x8b"):
+        return cast(BinaryIO, gzip.GzipFile(fileobj=raw, mode="rb"))
+    if magic.startswith(b"BZh"):
+        return cast(BinaryIO, bz2.BZ2File(raw))
+    if magic.startswith(b"\xfd7zXZ\x00"):
+        return cast(BinaryIO, lzma.LZMAFile(raw))
+    return raw
+
+
+def _extract(archive: Path, extraction: _Extraction) -> None:
     if tarfile.is_tarfile(archive):
-        with archive.open("rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-            for member in tar:  # a stream: each header is read after the previous member
-                if not member.isfile():
-                    raise InvalidAdapter(f"archive entry {member.name!r} is not a regular file")
-                source = tar.extractfile(member)
-                assert source is not None  # a regular file always has content
-                extraction.member(member.name, member.size, source)
+        with archive.open("rb") as raw, _decompressed(raw) as stream:
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
+                for member in tar:  # a stream: each header is read after the previous member
+                    if not member.isfile():
+                        raise InvalidAdapter(f"archive entry {member.name!r} is not a regular file")
+                    source = tar.extractfile(member)
+                    assert source is not None  # a regular file always has content
+                    extraction.member(member.name, member.size, source)
+            # Read on to the end, within the budget: the gzip, bz2 and xz readers check the
+            # stream's checksums there, so a corrupted upload is refused, not half-read.
+            while chunk := stream.read(CHUNK_BYTES):
+                extraction.skip(len(chunk))
     elif zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:
             entries = zf.infolist()
@@ -96,4 +148,3 @@ def extract_upload(archive: Path, dest: Path, max_bytes: int) -> int:
                     extraction.member(info.filename, info.file_size, source)
     else:
         raise InvalidAdapter("upload is neither a tar nor a zip archive")
-    return extraction.written

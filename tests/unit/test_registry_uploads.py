@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from gateway.errors import AdapterUnavailable, InvalidAdapter, status_of, without_host_paths
@@ -324,3 +325,24 @@ def test_the_error_mapping_cuts_paths_that_slip_into_a_message():
     kept = "lora_A/lora_B ranks 4/8 disagree; see https://github.com/vllm-project/vllm/issues/1"
     assert without_host_paths(kept) == kept
     assert without_host_paths("trained for base '/models/llama'") == "trained for base 'llama'"
+
+
+@pytest.mark.parametrize("kind", ["tar.gz", "zip"])
+@pytest.mark.parametrize("damage", ["truncated", "corrupted"])
+def test_a_damaged_archive_is_the_uploads_fault_not_an_internal_error(tmp_path, kind, damage):
+    """Random bytes (incompressible, as trained weights are) in a damaged archive."""
+    data = torch.randn(64 * 1024).numpy().tobytes()
+    archive = tmp_path / f"a.{kind}"
+    if kind == "zip":
+        with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("adapter_model.safetensors", data)
+    else:
+        archive = tar_of(tmp_path, {"adapter_model.safetensors": data})
+    raw = bytearray(archive.read_bytes())
+    if damage == "truncated":
+        raw = raw[: len(raw) // 2] if kind == "zip" else raw[:30]
+    else:
+        raw[len(raw) // 2 : len(raw) // 2 + 64] = bytes(64)
+    archive.write_bytes(bytes(raw))
+    with pytest.raises(InvalidAdapter, match=r"damaged or truncated|neither a tar nor a zip"):
+        extract_upload(archive, tmp_path / "out", SERVER_MAX_BYTES)

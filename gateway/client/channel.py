@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import grpc
 
@@ -64,7 +64,10 @@ def open_aio_channel(
 
 
 class Connection:
-    """Base of the blocking clients: one channel, reused for every call, and its metadata."""
+    """Base of the blocking clients: one channel, reused for every call, its metadata, and the
+    service stub of `stub_class` over it."""
+
+    stub_class: Any  # the generated gRPC stub of the client's service
 
     def __init__(
         self,
@@ -78,6 +81,7 @@ class Connection:
         self.timeout = timeout
         self.channel = open_channel(target, credentials)
         self.metadata = (*metadata, *auth_metadata(api_key))
+        self.stub = self.stub_class(self.channel)
 
     def close(self) -> None:
         self.channel.close()
@@ -90,7 +94,9 @@ class Connection:
 
 
 class AioConnection:
-    """Base of the asyncio clients; create them inside the running event loop."""
+    """Base of the asyncio clients (as Connection); create them inside the running event loop."""
+
+    stub_class: Any
 
     def __init__(
         self,
@@ -101,6 +107,7 @@ class AioConnection:
         self.target = target
         self.channel = open_aio_channel(target, credentials)
         self.metadata = auth_metadata(api_key)
+        self.stub = self.stub_class(self.channel)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, TypeVar
 
-import grpc
-
 from gateway.client.channel import AioConnection, Connection
 from loraplex.v1 import generation_pb2 as pb
 from loraplex.v1 import generation_pb2_grpc as pb_grpc
@@ -47,14 +45,7 @@ def build_request(
 class Client(Connection):
     """Blocking client; one channel, reused for every call."""
 
-    def __init__(
-        self,
-        target: str,
-        credentials: grpc.ChannelCredentials | None = None,
-        api_key: str | None = None,
-    ) -> None:
-        super().__init__(target, credentials, api_key)
-        self.stub = pb_grpc.GenerationServiceStub(self.channel)
+    stub_class = pb_grpc.GenerationServiceStub
 
     def generate(
         self,
@@ -91,14 +82,7 @@ class Client(Connection):
 class AsyncClient(AioConnection):
     """asyncio client (grpc.aio); create it inside the running event loop."""
 
-    def __init__(
-        self,
-        target: str,
-        credentials: grpc.ChannelCredentials | None = None,
-        api_key: str | None = None,
-    ) -> None:
-        super().__init__(target, credentials, api_key)
-        self.stub = pb_grpc.GenerationServiceStub(self.channel)
+    stub_class = pb_grpc.GenerationServiceStub
 
     async def generate(
         self,

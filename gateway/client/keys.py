@@ -14,6 +14,8 @@ from loraplex.v1 import keys_pb2_grpc as kpb_grpc
 class KeyClient(Connection):
     """Blocking client of the API key admin (KeyService); needs an unrestricted admin key."""
 
+    stub_class = kpb_grpc.KeyServiceStub
+
     def __init__(
         self,
         target: str,
@@ -22,7 +24,6 @@ class KeyClient(Connection):
         timeout: float | None = 30.0,
     ) -> None:
         super().__init__(target, credentials, api_key, timeout)
-        self.stub = kpb_grpc.KeyServiceStub(self.channel)
 
     def create(
         self,

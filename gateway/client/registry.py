@@ -69,6 +69,8 @@ class AdapterClient(Connection):
     registry records as who made the change. Errors are raised as `grpc.RpcError`.
     """
 
+    stub_class = apb_grpc.AdapterServiceStub
+
     def __init__(
         self,
         target: str,
@@ -79,7 +81,6 @@ class AdapterClient(Connection):
     ) -> None:
         self.actor = actor or default_actor()
         super().__init__(target, credentials, api_key, timeout, ((ACTOR_METADATA, self.actor),))
-        self.stub = apb_grpc.AdapterServiceStub(self.channel)
 
     def _call(self, method: Callable[..., Any], request: Any) -> Any:
         return method(request, metadata=self.metadata, timeout=self.timeout)

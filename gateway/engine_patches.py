@@ -5,7 +5,8 @@ workers), so the fix is in place wherever the LoRA kernels run. Registered in py
 What each fixes and how it is tested: docs/vllm-issues.md; what each measured: benchmarks/.
 
 1. Base rows computed with an adapter in vLLM's PyTorch-native LoRA ops (CPU): index -1 wrapped
-   to the last slot. The replacements skip rows without an adapter, one matmul per adapter.
+   to the last slot, and every token's weights copied. The replacements (gateway/cpu_lora.py)
+   leave rows without an adapter alone and batch all adapters of a step in a few matmuls.
 2. Prompt logprobs with LoRA kill the engine (vLLM issues 16668, 29955): the logits layer
    indexed adapters per request of the batch; the fix uses the slice's own token indices.
 3. Engine processes spin between steps (`SpinCondition.wait`), taking the cores of a CPU host;
@@ -27,6 +28,8 @@ from typing import Any
 
 import zmq  # vLLM's own dependency: its engine processes talk over ZMQ
 
+from gateway import cpu_lora
+
 log = logging.getLogger(__name__)
 
 PLUGIN_NAME = "loraplex_lora_fixes"  # the entry point name in pyproject.toml
@@ -34,124 +37,79 @@ SPIN_WAIT_ENV = "LORAPLEX_ENGINE_SPIN_WAIT"  # config engine_spin_wait's variabl
 BUSY_POLL_MS = 1  # fix 3: longest a busy reader blocks without a notification
 
 
-Rows = slice | Any  # a slice (contiguous rows: views, no copies) or a tensor of row numbers
-
-
-def _row_groups(indices: Any, rows: int) -> list[tuple[int, Rows]]:
-    """(adapter slot, its rows) for each adapter in the batch; index -1 (no adapter) skipped.
-
-    One index for a batch of several rows (a lone request) applies to all of them.
-    """
-    import torch
-
-    if indices.numel() == 1:
-        slot = int(indices[0])
-        return [] if slot < 0 else [(slot, slice(0, rows))]
-    slots, counts = torch.unique_consecutive(indices, return_counts=True)
-    spans: dict[int, list[tuple[int, int]]] = {}
-    start = 0
-    for slot, count in zip(slots.tolist(), counts.tolist(), strict=True):
-        if slot >= 0:
-            spans.setdefault(slot, []).append((start, start + count))
-        start += count
-    return [
-        (slot, slice(*runs[0]) if len(runs) == 1 else torch.cat([torch.arange(*r) for r in runs]))
-        for slot, runs in spans.items()
-    ]
-
-
-def _slot_weights(weights: Any, slot: int, dtype: Any) -> Any:
-    """One slot of vLLM's stacked LoRA weights, (out, in): [slot, 1, out, in] or [slot, out, in]."""
-    w = weights[slot]
-    return (w[0] if w.dim() == 3 else w).to(dtype)
-
-
-def _shrink(y: Any, x: Any, weights: Any, groups: list[tuple[int, Rows]], scale: float) -> None:
-    """y[rows, :r] = scale * x[rows] @ A[slot].T for each adapter's rows (the LoRA A step)."""
-    for slot, rows in groups:
-        a = _slot_weights(weights, slot, y.dtype)
-        out = (x[rows].to(y.dtype) @ a.T).mul_(scale)
-        target = y[:, : a.shape[0]]
-        if isinstance(rows, slice):
-            target[rows] = out
-        else:
-            target.index_copy_(0, rows, out)
-
-
-def _expand(
-    y: Any, x: Any, weights: Any, groups: list[tuple[int, Rows]], offset: int, size: int,
-    add: bool,
-) -> None:  # fmt: skip
-    """y[rows, offset:offset+size] (+)= x[rows] @ B[slot].T per adapter (the LoRA B step)."""
-    for slot, rows in groups:
-        b = _slot_weights(weights, slot, y.dtype)
-        width = min(size, b.shape[0])
-        out = x[rows].to(y.dtype) @ b[:width].T
-        target = y[:, offset : offset + width]
-        if isinstance(rows, slice):
-            if add:
-                target[rows].add_(out)  # a view: in place, no write-back copy
-            else:
-                target[rows] = out
-        elif add:
-            target.index_add_(0, rows, out)
-        else:
-            target.index_copy_(0, rows, out)
-
-
 # Drop-in replacements for vllm.lora.ops.torch_ops.lora_ops (same signatures), used where an
-# index tensor is given per call (the logits layer, full-linear adapters).
+# index tensor is given per call (prompt logits, full-linear adapters): one matmul per adapter.
 def bgmv_shrink(inputs: Any, weights: Any, output: Any, indices: Any, scaling: float = 1.0) -> None:
-    _shrink(output, inputs, weights, _row_groups(indices, inputs.shape[0]), scaling)
+    cpu_lora.shrink(output, inputs, weights, cpu_lora.row_groups(indices, inputs.shape[0]), scaling)
 
 
 def bgmv_expand(
     inputs: Any, weights: Any, output: Any, indices: Any, add_inputs: bool = True
 ) -> None:
-    groups = _row_groups(indices, inputs.shape[0])
-    _expand(output, inputs, weights, groups, 0, output.shape[1], add_inputs)
+    groups = cpu_lora.row_groups(indices, inputs.shape[0])
+    cpu_lora.expand(output, inputs, weights, groups, 0, output.shape[1], add_inputs)
 
 
 def bgmv_expand_slice(
     inputs: Any, weights: Any, output: Any, indices: Any, slice_offset: int, slice_size: int,
     add_inputs: bool = True,
 ) -> None:  # fmt: skip
-    groups = _row_groups(indices, inputs.shape[0])
-    _expand(output, inputs, weights, groups, slice_offset, slice_size, add_inputs)
+    groups = cpu_lora.row_groups(indices, inputs.shape[0])
+    cpu_lora.expand(output, inputs, weights, groups, slice_offset, slice_size, add_inputs)
 
 
 _REPLACED_OPS = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand,
                  "bgmv_expand_slice": bgmv_expand_slice}  # fmt: skip
 
 
-# PunicaWrapperCPU's per-layer methods, on the token groups found once per step.
-def _update_metadata_with_groups(original: Callable[..., Any]) -> Callable[..., Any]:
+# PunicaWrapperCPU's methods on the step's plans (gateway/cpu_lora.py), made once per step.
+def _update_metadata_with_plans(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def wrapper(self: Any, *args: Any, **kw: Any) -> Any:
         result = original(self, *args, **kw)
-        tokens = self.token_lora_indices
-        self.loraplex_token_groups = _row_groups(tokens, tokens.shape[0])
+        self.loraplex_plans = cpu_lora.StepPlans(self.token_lora_indices, self.sampler_indices)
         return result
 
     wrapper.__loraplex_patched__ = True  # type: ignore[attr-defined]
     return wrapper
 
 
+def _add_lora_linear(self: Any, y: Any, x: Any, lora_a: Any, lora_b: Any, scale: float,
+                     output_slices: tuple[int, ...], *, buffer: Any = None,
+                     **kw: Any) -> None:  # fmt: skip
+    """PunicaWrapperCPU.add_lora_linear: every slice of every adapter in a few batched matmuls."""
+    y = y.view(-1, y.shape[-1])
+    x = x.view(-1, x.shape[-1])
+    cpu_lora.add_lora(self.loraplex_plans.tokens, y, x, lora_a, lora_b, scale, output_slices)
+
+
+def _add_lora_embedding(self: Any, y: Any, x: Any, lora_b: Any, add_inputs: bool = True,
+                        **kw: Any) -> None:  # fmt: skip
+    """PunicaWrapperCPU.add_lora_embedding: y += x @ B[slot].T, all adapters at once."""
+    if not add_inputs:  # not a call vLLM makes; the per-adapter path handles it
+        cpu_lora.expand(y, x, lora_b, self.loraplex_plans.token_groups, 0, y.shape[1], False)
+        return
+    cpu_lora.add_expand(self.loraplex_plans.tokens, y, x, lora_b)
+
+
 def _wrapper_shrink(self: Any, y: Any, x: Any, w_t_all: Any, scale: float) -> None:
-    _shrink(y, x, w_t_all, self.loraplex_token_groups, scale)
+    cpu_lora.shrink(y, x, w_t_all, self.loraplex_plans.token_groups, scale)
 
 
 def _wrapper_expand(self: Any, y: Any, x: Any, w_t_all: Any, add_inputs: bool) -> None:
-    _expand(y, x, w_t_all, self.loraplex_token_groups, 0, y.shape[1], add_inputs)
+    cpu_lora.expand(y, x, w_t_all, self.loraplex_plans.token_groups, 0, y.shape[1], add_inputs)
 
 
 def _wrapper_expand_slice(
     self: Any, y: Any, x: Any, w_t_all: Any, y_offset: int, y_slice_size: int, add_inputs: bool
 ) -> None:
-    _expand(y, x, w_t_all, self.loraplex_token_groups, y_offset, y_slice_size, add_inputs)
+    groups = self.loraplex_plans.token_groups
+    cpu_lora.expand(y, x, w_t_all, groups, y_offset, y_slice_size, add_inputs)
 
 
 _WRAPPER_METHODS = {
+    "add_lora_linear": _add_lora_linear,
+    "add_lora_embedding": _add_lora_embedding,
     "_shrink_prefill": _wrapper_shrink,
     "_shrink_decode": _wrapper_shrink,
     "_expand_prefill": _wrapper_expand,
@@ -221,6 +179,9 @@ def _add_lora_logits(self: Any, y: Any, x: Any, lora_a: Any, lora_b: Any, scale:
 
     y = y.view(-1, y.shape[-1])
     x = x.view(-1, x.shape[-1])
+    if _prompt_rows is None:  # sampling logits: one row per request, batched over adapters
+        cpu_lora.add_lora_rows(self.loraplex_plans.sampler, y, x, lora_a, lora_b, scale)
+        return
     indices = _logits_lora_indices(self, x)
     if buffer is None:
         buffer = torch.zeros((x.size(0), lora_b.size(-1)), dtype=torch.float32, device=x.device)
@@ -290,7 +251,7 @@ def register() -> None:
             if hasattr(punica_cpu, name):
                 setattr(punica_cpu, name, op)  # imported by name into the CPU wrapper
         wrapper = punica_cpu.PunicaWrapperCPU
-        _patch(wrapper, "update_metadata", _update_metadata_with_groups)
+        _patch(wrapper, "update_metadata", _update_metadata_with_plans)
         for name, method in _WRAPPER_METHODS.items():
             getattr(wrapper, name)  # fail here, not mid-step, if upstream renamed one
             setattr(wrapper, name, method)

@@ -15,8 +15,8 @@ from vllm.lora.ops.torch_ops import lora_ops
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from gateway import engine_patches
+from gateway.cpu_lora import row_groups
 from gateway.engine_patches import (
-    _row_groups,
     bgmv_expand,
     bgmv_expand_slice,
     bgmv_shrink,
@@ -45,12 +45,12 @@ def test_upstream_still_wraps_minus_one_to_the_last_slot():
 
 
 def test_row_groups_slices_for_runs_and_row_lists_otherwise():
-    groups = dict(_row_groups(torch.tensor(INDICES), len(INDICES)))
+    groups = dict(row_groups(torch.tensor(INDICES), len(INDICES)))
     assert groups[0] == slice(3, 6)
     assert groups[1].tolist() == [0, 1, 6] and groups[2] == slice(8, 9)
     assert -1 not in groups
-    assert _row_groups(torch.tensor([1]), 5) == [(1, slice(0, 5))]  # a lone request
-    assert _row_groups(torch.tensor([-1]), 5) == []
+    assert row_groups(torch.tensor([1]), 5) == [(1, slice(0, 5))]  # a lone request
+    assert row_groups(torch.tensor([-1]), 5) == []
 
 
 def test_shrink_and_expand_match_per_row_products_and_skip_base_rows():

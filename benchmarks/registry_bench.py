@@ -850,7 +850,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     w.add_argument("--max-loras", type=int, default=4, help="the gateway's default")
     w.add_argument("--max-cpu-loras", type=int, default=None, help="default: max-loras")
     w.add_argument("--max-lora-rank", type=int, default=16)
-    w.add_argument("--kv-cache-gib", type=float, default=1.0, help="VLLM_CPU_KVCACHE_SPACE")
+    w.add_argument("--kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE")
     w.add_argument(
         "--fake-engine",
         action="store_true",

@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype="bfloat16",
         max_loras=8,
         max_model_len=512,
-        kv_cache_space_gib=1.0,
+        kv_cache_space_gib=1,
     )
     workload = Workload(
         requests=shape["requests"],

@@ -67,8 +67,8 @@ class GatewayConfig(BaseModel):
     """Most sequences in one engine batch; default: vLLM's."""
     max_logprobs: int = Field(default=20, ge=0)
     """Most alternatives a request may ask for per token (logprobs / prompt_logprobs)."""
-    kv_cache_space_gib: float = Field(default=1.0, gt=0)
-    """CPU engine only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."""
+    kv_cache_space_gib: int = Field(default=1, ge=1)
+    """CPU engine only: KV cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE, an integer to vLLM)."""
     cpu_reserved_cores: int | None = Field(default=None, ge=0)
     """CPU engine only: cores kept free of the model's compute threads, for the gRPC server and
     vLLM's scheduler (VLLM_CPU_NUM_OF_RESERVED_CPU); default: vLLM's (1). 0 computes on every

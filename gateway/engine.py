@@ -54,7 +54,7 @@ def engine_environment(config: GatewayConfig) -> dict[str, str]:
     spin = config.engine_spin_wait if config.engine_spin_wait is not None else not cpu
     env = {SPIN_WAIT_ENV: "1" if spin else "0"}
     if cpu:
-        env["VLLM_CPU_KVCACHE_SPACE"] = f"{config.kv_cache_space_gib:g}"
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(config.kv_cache_space_gib)
         if config.cpu_reserved_cores is not None:
             env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(config.cpu_reserved_cores)
     return env

@@ -21,11 +21,18 @@ def test_precedence_file_env_flags(tmp_path, monkeypatch):
 def test_every_type_can_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("LORAPLEX_MAX_LORA_RANK", "32")
     monkeypatch.setenv("LORAPLEX_ENFORCE_EAGER", "true")
-    monkeypatch.setenv("LORAPLEX_KV_CACHE_SPACE_GIB", "2.5")
+    monkeypatch.setenv("LORAPLEX_KV_CACHE_SPACE_GIB", "3")
     monkeypatch.setenv("LORAPLEX_DTYPE", "bfloat16")
     config = load_config(model="m")
     assert (config.max_lora_rank, config.enforce_eager) == (32, True)
-    assert (config.kv_cache_space_gib, config.dtype) == (2.5, "bfloat16")
+    assert (config.kv_cache_space_gib, config.dtype) == (3, "bfloat16")
+
+
+def test_kv_cache_space_is_whole_gib_as_vllm_reads_it():
+    """vLLM parses VLLM_CPU_KVCACHE_SPACE with int(): 1.5 would stop the engine at start-up."""
+    with pytest.raises(ConfigError, match="kv_cache_space_gib"):
+        load_config(model="m", kv_cache_space_gib=1.5)
+    assert load_config(model="m", kv_cache_space_gib=2.0).kv_cache_space_gib == 2
 
 
 def test_unknown_key_suggests_the_right_one(tmp_path):

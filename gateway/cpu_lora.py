@@ -6,16 +6,19 @@ tokens of a step are laid out once (`plan_step`) in a padded grid, one row of th
 adapter slot in use, and each LoRA slice is one `bmm` for the shrink and one for the expand
 on views of vLLM's stacked weights, then one gather back into the output rows.
 Tokens without an adapter never enter the grid: their rows are left exactly as they were.
-The grid spans the slots from the lowest to the highest in use. A step where padding would
-multiply the rows many times over (one adapter holds nearly every token, the others one
-each) takes one matmul per adapter on its own rows instead.
+The grid spans the slots from the lowest to the highest in use, as deep as the largest
+adapter's token count. An adapter with far more tokens than the others (a prompt being
+prefilled while the rest decode) takes its own matmul on its rows instead of deepening the
+grid for all; so does every adapter of a step that would still be mostly padding.
 
 Pure PyTorch, no vLLM import: `engine_patches.py` installs these into vLLM's CPU wrapper.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import weakref
 from dataclasses import dataclass
 
@@ -24,6 +27,9 @@ import torch
 # The grid is used while its rows <= this x the tokens with an adapter: measured, a grid with
 # 4x padding still ran 2-4x faster than one matmul per adapter (benchmarks/README.md).
 MAX_PADDING = 8.0
+# An adapter with over this x the mean tokens per adapter in the step (a prompt being
+# prefilled among decoding requests) gets its own matmul on its rows, out of the grid.
+HEAVY_GROUP = 2.0
 
 Rows = slice | torch.Tensor  # a slice (contiguous rows: views, no copies) or row numbers
 
@@ -53,7 +59,7 @@ def row_groups(indices: torch.Tensor, rows: int) -> list[tuple[int, Rows]]:
 class StepPlan:
     """How one step's tokens meet their adapters: a padded grid, or one group per adapter."""
 
-    groups: list[tuple[int, Rows]]  # (slot, its rows) per adapter: the per-adapter path
+    groups: list[tuple[int, Rows]]  # (slot, its rows): adapters that take their own matmul
     low: int = 0  # grid: the lowest slot in use
     slots: int = 0  # grid: slots low..low+slots-1 (all slots between the lowest and highest)
     depth: int = 0  # grid rows per slot: the largest adapter's token count
@@ -74,6 +80,13 @@ def plan_step(indices: torch.Tensor, max_padding: float = MAX_PADDING) -> StepPl
     in_use = indices[has_adapter]
     low = int(in_use.min())
     per_slot = torch.bincount(in_use - low)
+    cap = math.ceil(HEAVY_GROUP * served / int((per_slot > 0).sum()))
+    heavy = torch.nonzero(per_slot > cap).flatten() + low
+    if heavy.numel():  # their own matmuls; the others on the grid
+        is_heavy = torch.isin(indices, heavy)
+        own = row_groups(torch.where(is_heavy, indices, -1), count)
+        rest = plan_step(torch.where(is_heavy, -1, indices), max_padding)
+        return dataclasses.replace(rest, groups=own + rest.groups)
     slots, depth = per_slot.shape[0], int(per_slot.max())
     if slots * depth > max_padding * served:  # skewed: one adapter holds nearly every token
         return StepPlan(groups=row_groups(indices, count))
@@ -185,13 +198,14 @@ def add_lora(
     On the grid: one bmm shrinks all slices, one bmm per slice expands into one buffer, and
     one gather adds the buffer to the output rows.
     """
-    if plan.gather is None:  # per adapter: shrink into an fp32 buffer, expand from it
+    if plan.groups:  # per adapter: shrink into an fp32 buffer, expand from it
         offset = 0
         for a, b, size in zip(lora_a, lora_b, output_slices, strict=True):
             buffer = torch.zeros((x.shape[0], a.shape[-2]), dtype=torch.float32)
             shrink(buffer, x, a, plan.groups, scale)
             expand(y, buffer, b, plan.groups, offset, size, add=True)
             offset += size
+    if plan.gather is None:
         return
     span, rank = slice(plan.low, plan.low + plan.slots), lora_a[0].shape[-2]
     slots = plan.slots
@@ -202,22 +216,28 @@ def add_lora(
     hidden = torch.bmm(grid, joined[span].transpose(1, 2))  # [slots, depth, n*rank]
     if scale != 1.0:
         hidden.mul_(scale)
+    if hidden.dtype != lora_b[0].dtype:
+        hidden = hidden.to(lora_b[0].dtype)
+    b_t = [b.view(b.shape[0], *b.shape[-2:])[span, :size].transpose(1, 2)
+           for b, size in zip(lora_b, output_slices, strict=True)]  # fmt: skip
     total = sum(output_slices)
-    out = hidden.new_empty((slots, plan.depth, total))
-    offset = 0
-    for i, (b, size) in enumerate(zip(lora_b, output_slices, strict=True)):
-        b_t = b.view(b.shape[0], *b.shape[-2:])[span, :size].transpose(1, 2)
-        part = hidden[:, :, i * rank : (i + 1) * rank]
-        torch.bmm(part if part.dtype == b_t.dtype else part.to(b_t.dtype), b_t,
-                  out=out[:, :, offset : offset + size])  # fmt: skip
-        offset += size
+    if len(b_t) == 1:
+        out = torch.bmm(hidden, b_t[0])
+    else:  # each slice's expand written into its columns of one buffer
+        out = hidden.new_empty((slots, plan.depth, total))
+        offset = 0
+        for i, (b, size) in enumerate(zip(b_t, output_slices, strict=True)):
+            part = hidden[:, :, i * rank : (i + 1) * rank]
+            torch.bmm(part, b, out=out[:, :, offset : offset + size])
+            offset += size
     _add_from_grid(y[:, :total], out, plan)
 
 
 def add_expand(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, lora_b: torch.Tensor) -> None:
     """y += x @ B[slot].T per token: the embedding layer's LoRA (its A step is a lookup)."""
-    if plan.gather is None:
+    if plan.groups:
         expand(y, x, lora_b, plan.groups, 0, y.shape[1], add=True)
+    if plan.gather is None:
         return
     span = slice(plan.low, plan.low + plan.slots)
     b_t = lora_b.view(lora_b.shape[0], *lora_b.shape[-2:])[span].transpose(1, 2)

@@ -95,14 +95,27 @@ def test_steps_without_adapters_or_with_one_token_take_no_grid():
     assert (one.low, one.slots, one.depth) == (7, 1, 3)
 
 
-def test_skewed_steps_fall_back_to_one_matmul_per_adapter_with_the_same_result():
-    """A long prompt on one adapter next to one token of another: padding would be 9x."""
+def test_a_prompt_among_decoding_requests_takes_its_own_matmul_beside_the_grid():
+    """Continuous batching's usual step: one prompt prefilled while the others decode."""
     torch.manual_seed(2)
     a, b = _stacks()
-    indices = torch.tensor([5] * 40 + [0, -1, 9])
+    indices = torch.tensor([5] * 40 + [0, -1, 9, 5, 1, 2, 0, 1, 2])
     plan = plan_step(indices)
-    assert plan.gather is None and {slot for slot, _ in plan.groups} == {0, 5, 9}
-    x, y = torch.randn(43, 32), torch.randn(43, sum(SLICES))
+    assert [slot for slot, _ in plan.groups] == [5]  # the prompt and its decode token
+    assert plan.gather is not None and plan.depth == 2  # the rest: a grid 2 rows deep
+    x, y = torch.randn(49, 32), torch.randn(49, sum(SLICES))
+    before = y.clone()
+    add_lora(plan, y, x, a, b, 1.0, SLICES)
+    _check(y, before, _want(x, a, b, indices.tolist(), 1.0), atol=1e-4)
+
+
+def test_steps_that_would_be_mostly_padding_take_one_matmul_per_adapter():
+    torch.manual_seed(7)
+    a, b = _stacks()
+    indices = torch.tensor([0, 15, 0, -1])  # two adapters 16 slots apart: a 32-row grid
+    plan = plan_step(indices)
+    assert plan.gather is None and {slot for slot, _ in plan.groups} == {0, 15}
+    x, y = torch.randn(4, 32), torch.randn(4, sum(SLICES))
     before = y.clone()
     add_lora(plan, y, x, a, b, 1.0, SLICES)
     _check(y, before, _want(x, a, b, indices.tolist(), 1.0), atol=1e-4)

@@ -2,9 +2,9 @@
 
 vLLM's PyTorch-native ops copy each token's adapter weights (a gather per token and layer),
 and a loop over adapters pays several small kernels per adapter, slice and layer. Here the
-tokens of a step are laid out once (`plan_step`) in a padded grid, one row of the grid per
-adapter slot in use, and each LoRA slice is one `bmm` for the shrink and one for the expand
-on views of vLLM's stacked weights, then one gather back into the output rows.
+tokens of a step are laid out once (`plan_step`) in a padded grid, one block of rows per
+adapter slot, and each LoRA layer is one `bmm` that shrinks all its slices, one `bmm` per
+slice that expands (on views of vLLM's stacked weights), and one gather back into the rows.
 Tokens without an adapter never enter the grid: their rows are left exactly as they were.
 The grid spans the slots from the lowest to the highest in use, as deep as the largest
 adapter's token count. An adapter with far more tokens than the others (a prompt being

@@ -50,6 +50,15 @@ def _check(y, before, want, atol):
             assert torch.allclose(got, expected, atol=atol, rtol=0.02), f"row {row}"
 
 
+def _serves_each_row_its_adapter(plan, indices, a, b, scale=1.0, dtype=torch.float32, atol=1e-4):
+    """Run `plan` on random inputs: each row gets its adapter's product, others keep their bits."""
+    x = torch.randn(len(indices), a[0].shape[-1], dtype=dtype)
+    y = torch.randn(len(indices), sum(SLICES), dtype=dtype)
+    before = y.clone()
+    add_lora(plan, y, x, a, b, scale, SLICES)
+    _check(y, before, _want(x, a, b, indices.tolist(), scale), atol=atol)
+
+
 def _mixed(adapters: int, tokens: int, base_share: float = 0.0, slots: list[int] | None = None):
     """Token indices cycling over `adapters` slots, some tokens on the base (-1), shuffled."""
     slots = slots or list(range(adapters))
@@ -65,12 +74,8 @@ def test_every_token_gets_its_own_adapter_at_each_adapter_count(adapters, base_s
     torch.manual_seed(adapters)
     a, b = _stacks()
     indices = _mixed(adapters, 64, base_share)
-    x = torch.randn(64, 32)
-    y = torch.randn(64, sum(SLICES))
-    before = y.clone()
     plan = plan_step(indices)
-    add_lora(plan, y, x, a, b, 0.5, SLICES)
-    _check(y, before, _want(x, a, b, indices.tolist(), 0.5), atol=1e-4)
+    _serves_each_row_its_adapter(plan, indices, a, b, scale=0.5)
     if adapters > 1:
         assert plan.gather is not None  # the batched path, not one matmul per adapter
 
@@ -103,10 +108,7 @@ def test_a_prompt_among_decoding_requests_takes_its_own_matmul_beside_the_grid()
     plan = plan_step(indices)
     assert [slot for slot, _ in plan.groups] == [5]  # the prompt and its decode token
     assert plan.gather is not None and plan.depth == 2  # the rest: a grid 2 rows deep
-    x, y = torch.randn(49, 32), torch.randn(49, sum(SLICES))
-    before = y.clone()
-    add_lora(plan, y, x, a, b, 1.0, SLICES)
-    _check(y, before, _want(x, a, b, indices.tolist(), 1.0), atol=1e-4)
+    _serves_each_row_its_adapter(plan, indices, a, b)
 
 
 def test_steps_that_would_be_mostly_padding_take_one_matmul_per_adapter():
@@ -115,10 +117,7 @@ def test_steps_that_would_be_mostly_padding_take_one_matmul_per_adapter():
     indices = torch.tensor([0, 15, 0, -1])  # two adapters 16 slots apart: a 32-row grid
     plan = plan_step(indices)
     assert plan.gather is None and {slot for slot, _ in plan.groups} == {0, 15}
-    x, y = torch.randn(4, 32), torch.randn(4, sum(SLICES))
-    before = y.clone()
-    add_lora(plan, y, x, a, b, 1.0, SLICES)
-    _check(y, before, _want(x, a, b, indices.tolist(), 1.0), atol=1e-4)
+    _serves_each_row_its_adapter(plan, indices, a, b)
 
 
 def test_adapters_in_scattered_slots_share_one_grid():
@@ -127,21 +126,14 @@ def test_adapters_in_scattered_slots_share_one_grid():
     indices = _mixed(4, 32, 0.2, slots=[1, 6, 11, 15])
     plan = plan_step(indices)
     assert plan.gather is not None and (plan.low, plan.slots) == (1, 15)
-    x, y = torch.randn(32, 32), torch.zeros(32, sum(SLICES))
-    before = y.clone()
-    add_lora(plan, y, x, a, b, 1.0, SLICES)
-    _check(y, before, _want(x, a, b, indices.tolist(), 1.0), atol=1e-4)
+    _serves_each_row_its_adapter(plan, indices, a, b)
 
 
 def test_bf16_matches_the_float64_product_within_bf16_rounding():
     torch.manual_seed(4)
     a, b = _stacks(torch.bfloat16)
     indices = _mixed(8, 32, 0.2)
-    x = torch.randn(32, 32, dtype=torch.bfloat16)
-    y = torch.randn(32, sum(SLICES), dtype=torch.bfloat16)
-    before = y.clone()
-    add_lora(plan_step(indices), y, x, a, b, 1.0, SLICES)
-    _check(y, before, _want(x, a, b, indices.tolist(), 1.0), atol=0.6)
+    _serves_each_row_its_adapter(plan_step(indices), indices, a, b, dtype=torch.bfloat16, atol=0.6)
 
 
 def test_a_new_adapter_in_a_slot_is_used_from_the_next_call():

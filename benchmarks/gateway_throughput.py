@@ -371,7 +371,7 @@ def vllm_server_command(config: GatewayConfig, model: TinyModel, port: int) -> l
         "--quantization": config.quantization,
         "--max-cpu-loras": config.max_cpu_loras,
         "--max-num-seqs": config.max_num_seqs,
-        "--distributed-executor-backend": config.executor_backend,
+        "--distributed-executor-backend": config.distributed_executor_backend,
     }
     for flag, value in optional.items():
         if value is not None:
@@ -709,7 +709,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=None, help="default: vLLM's")
     p.add_argument("--kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE")
     p.add_argument(
-        "--executor-backend", choices=["mp", "uni"], default=None, help="default: vLLM's (mp)"
+        "--executor-backend", choices=["mp", "uni"], default=None, help="default: vLLM's"
     )
     p.add_argument(
         "--engine-spin-wait",
@@ -757,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         kv_cache_space_gib=args.kv_cache_gib,
-        executor_backend=args.executor_backend,
+        distributed_executor_backend=args.executor_backend,
         engine_spin_wait=None if args.engine_spin_wait is None else args.engine_spin_wait == "on",
     )
     # What the gateway sets up for its engine, set for all: the engine processes of the

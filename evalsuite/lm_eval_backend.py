@@ -81,6 +81,7 @@ class LoraplexLM(TemplateLM):
         self.eos = (info.eos_token.id, info.eos_token.text)
         self.bos = (info.bos_token.id, info.bos_token.text) if info.HasField("bos_token") else None
         self._max_length = int(max_length or info.max_context_length)
+        self._prompt_logprobs_refusal = info.prompt_logprobs_unsupported  # "": served exactly
         self.served_versions: set[str] = set()  # the adapter versions that answered
         self._token_cache: dict[tuple[str, bool], list[int]] = {}
 
@@ -174,6 +175,14 @@ class LoraplexLM(TemplateLM):
     def _note_version(self, response: pb.GenerateResponse) -> None:
         self.served_versions.add(served_version(response.adapter))
 
+    def _check_prompt_logprobs(self, needed_by: str) -> None:
+        """Stop before the first request where the gateway says it refuses prompt logprobs."""
+        if self._prompt_logprobs_refusal:
+            raise EvalInputError(
+                f"{needed_by} are scored with prompt logprobs, which the gateway at "
+                f"{self.target} refuses: {self._prompt_logprobs_refusal}"
+            )
+
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[Scored]:
         self._prefetch(k for r in requests for k in self._pair_keys(*r.args))
         return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
@@ -195,6 +204,8 @@ class LoraplexLM(TemplateLM):
                 groups[tuple(context[-(self.max_length - 1) :])].append(index)
             else:
                 work.append(index)
+        if any(isinstance(item, int) for item in work):
+            self._check_prompt_logprobs("continuations longer than one token")
         for context, members in groups.items():
             choices = sorted({requests[i][2][0] for i in members})
             for start in range(0, len(choices), MAX_SCORED_TOKENS):
@@ -277,6 +288,7 @@ class LoraplexLM(TemplateLM):
         self, requests: list[Instance], disable_tqdm: bool = False
     ) -> list[float]:
         """Perplexity-style scoring of whole texts: disjoint windows, as lm-eval's backends."""
+        self._check_prompt_logprobs("rolling loglikelihood (perplexity)")
         self._prefetch((r.args[0], self._special(r.args[0], None)) for r in requests)
         windows: list[LoglikelihoodRequest] = []
         owners: list[int] = []

@@ -73,15 +73,25 @@ class GatewayConfig(BaseModel):
     """CPU engine only: cores kept free of the model's compute threads, for the gRPC server and
     vLLM's scheduler (VLLM_CPU_NUM_OF_RESERVED_CPU); default: vLLM's (1). 0 computes on every
     core: faster prefill-heavy work (evaluations) on small machines, slower request handling."""
+    cpu_threads_bind: str | None = None
+    """CPU engine only: the cores each worker's compute threads run on, `|` between workers
+    (VLLM_CPU_OMP_THREADS_BIND), e.g. `0-15|16-31` for tensor_parallel_size 2; default:
+    vLLM's, one NUMA node per worker (so tensor parallelism on one node needs this)."""
     engine_spin_wait: bool | None = None
     """Let vLLM's engine processes spin (a busy loop) while waiting for each other between
     steps, instead of blocking. Default: off on CPU, where the spinning takes the cores the
     gateway and its streams need; vLLM's behaviour (on) on GPU, where cores are to spare."""
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
-    """GPU engine only: fraction of GPU memory vLLM may use."""
-    executor_backend: Literal["mp", "uni"] | None = None
-    """Where the model runs: `uni` in the engine-core process, `mp` in worker processes;
-    default: vLLM's choice (mp)."""
+    """GPU engine only: fraction of each GPU's memory vLLM may use for weights, activations and
+    the KV cache (the KV cache gets what the other two leave)."""
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    """GPUs each layer is split across (a base too large for one GPU); one worker per GPU."""
+    pipeline_parallel_size: int = Field(default=1, ge=1)
+    """Stages the layers are split into, one set of GPUs each (across nodes with `ray`)."""
+    distributed_executor_backend: Literal["mp", "uni", "ray"] | None = None
+    """Where the model runs: `uni` in the engine-core process, `mp` in worker processes on this
+    host, `ray` in a Ray cluster (several nodes); default: vLLM's choice (`uni` for one GPU or
+    CPU worker, `mp` for several on one host)."""
     enforce_eager: bool = False
     """Skip graph capture/compilation: faster start, slower steps."""
     seed: int = 0

@@ -173,6 +173,12 @@ class EngineInfo:
     """The tokenizer's BOS (id, text), if it has one."""
     eos_token: tuple[int, str] | None = None
     """The tokenizer's EOS (id, text), if it has one."""
+    engine_fixes: tuple[str, ...] = ()
+    """loraplex's vLLM fixes every engine worker applied (gateway/engine_fixes.py)."""
+    prompt_logprobs_refusal: str = ""
+    """Why prompt logprobs are refused with LoRA enabled; "" when they are served exactly."""
+    vocab_lora_refusal: str = ""
+    """Why adapters with LoRA on lm_head / embed_tokens are refused; "" when served."""
 
 
 class Engine(Protocol):

@@ -6,6 +6,7 @@ its own process, as vLLM does it); the gRPC server runs in this process's event 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -24,6 +25,12 @@ from gateway.domain import (
     TokenLogprob,
     TopLogprob,
     Usage,
+)
+from gateway.engine_fixes import (
+    EngineFixReport,
+    applied_everywhere,
+    lora_safety,
+    vocab_lora_in,
 )
 from gateway.errors import (
     AdapterUnavailable,
@@ -57,6 +64,8 @@ def engine_environment(config: GatewayConfig) -> dict[str, str]:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(config.kv_cache_space_gib)
         if config.cpu_reserved_cores is not None:
             env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(config.cpu_reserved_cores)
+        if config.cpu_threads_bind is not None:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = config.cpu_threads_bind
     return env
 
 
@@ -94,13 +103,21 @@ def check_quantization(config: GatewayConfig) -> None:
         )
 
 
-def _lora_fixes_active() -> bool:
-    """True where gateway/engine_patches.py fixes vLLM's LoRA bugs: CPU, plugin enabled."""
-    from vllm.platforms import current_platform
+def check_parallelism(config: GatewayConfig) -> None:
+    """Refuse parallel settings vLLM would only fail on deep in its start-up."""
+    import importlib.util
 
-    from gateway.engine_patches import plugin_enabled
-
-    return current_platform.is_cpu() and plugin_enabled()
+    world = config.tensor_parallel_size * config.pipeline_parallel_size
+    if world > 1 and config.distributed_executor_backend == "uni":
+        raise ConfigError(
+            f"tensor_parallel_size x pipeline_parallel_size = {world} workers, but "
+            "distributed_executor_backend uni runs one; use mp (one host) or ray (several)"
+        )
+    if config.distributed_executor_backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError(
+            "distributed_executor_backend ray needs Ray on every node (pip install "
+            "'ray[default]' at the version vLLM supports); it is not in loraplex's lock"
+        )
 
 
 def _engine_args(config: GatewayConfig, enable_lora: bool):
@@ -119,7 +136,9 @@ def _engine_args(config: GatewayConfig, enable_lora: bool):
         max_logprobs=config.max_logprobs,
         gpu_memory_utilization=config.gpu_memory_utilization,
         enforce_eager=config.enforce_eager,
-        distributed_executor_backend=config.executor_backend,
+        tensor_parallel_size=config.tensor_parallel_size,
+        pipeline_parallel_size=config.pipeline_parallel_size,
+        distributed_executor_backend=config.distributed_executor_backend,
         seed=config.seed,
         # vLLM's statistics feed its Prometheus metrics and ours (per-adapter queue, timings).
         disable_log_stats=config.metrics_port is None,
@@ -279,21 +298,32 @@ def _timing(stats) -> Timing:  # noqa: ANN001 - vllm.v1.metrics.stats.RequestSta
 class VllmEngine:
     """`Engine` on vLLM's AsyncLLM: one base model, a LoRARequest per request."""
 
-    def __init__(self, llm, config: GatewayConfig, enable_lora: bool) -> None:  # noqa: ANN001
+    def __init__(
+        self,
+        llm,  # noqa: ANN001 - vllm.v1.engine.async_llm.AsyncLLM
+        config: GatewayConfig,
+        enable_lora: bool,
+        fix_reports: list[EngineFixReport],
+    ) -> None:
         from vllm import __version__ as vllm_version
 
         self._llm = llm
         self._lora_enabled = enable_lora
         self._tokenizer = llm.get_tokenizer()
         model_config = llm.model_config
-        # vLLM issues 16668 / 29955: with LoRA enabled, a prompt-logprob request batched with
-        # other requests crashes the engine core (einsum shape error in add_lora_logits ->
-        # EngineDeadError). On CPU, gateway/engine_patches.py fixes it inside vLLM (exact,
-        # tested). Where that fix is not active (vLLM's Triton path on GPU, which we cannot test
-        # here, or the plugin disabled) such requests are refused: one would kill the engine.
-        self._prompt_logprobs_safe = not enable_lora or _lora_fixes_active()
-        if not self._prompt_logprobs_safe:
-            log.warning("vLLM LoRA fixes not active here: prompt_logprobs requests are refused")
+        # What the workers applied decides what is refused (gateway/engine_fixes.py): prompt
+        # logprobs where vLLM would crash on them, adapters whose prompt logprobs it gets wrong.
+        self.safety = lora_safety(fix_reports, enable_lora)
+        self._vocab_lora: dict[int, list[str]] = {}  # engine id -> its vocabulary LoRA modules
+        applied = applied_everywhere(fix_reports)
+        log.info(
+            "engine: %s; loraplex fixes applied: %s",
+            ", ".join(sorted({f"{r.platform} model runner {r.model_runner}" for r in fix_reports})),
+            ", ".join(applied) or "none",
+        )
+        for refusal in (self.safety.prompt_logprobs_refusal, self.safety.vocab_lora_refusal):
+            if refusal:
+                log.warning("refused on this engine: %s", refusal)
         self._loaded_adapters: set[int] = set()
         _yield_between_steps(llm.engine_core)
         self.info = EngineInfo(
@@ -308,10 +338,13 @@ class VllmEngine:
             engine=f"vllm {vllm_version}",
             bos_token=_special(self._tokenizer, "bos"),
             eos_token=_special(self._tokenizer, "eos"),
+            engine_fixes=applied,
+            prompt_logprobs_refusal=self.safety.prompt_logprobs_refusal,
+            vocab_lora_refusal=self.safety.vocab_lora_refusal,
         )
 
     @classmethod
-    def start(
+    async def start(
         cls, config: GatewayConfig, enable_lora: bool, queue_sink: QueueSink | None = None
     ) -> VllmEngine:
         """Start the engine core process and load the base model (tens of seconds)."""
@@ -319,8 +352,14 @@ class VllmEngine:
 
         os.environ.update(engine_environment(config))
         loggers = [_queue_logger_factory(queue_sink)] if queue_sink is not None else None
-        llm = AsyncLLM.from_engine_args(_engine_args(config, enable_lora), stat_loggers=loggers)
-        return cls(llm, config, enable_lora)
+        args = _engine_args(config, enable_lora)
+        llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args, stat_loggers=loggers)
+        try:
+            reports = await llm.collective_rpc("loraplex_engine_fixes")
+        except BaseException:
+            llm.shutdown()
+            raise
+        return cls(llm, config, enable_lora, [EngineFixReport.from_worker(r) for r in reports])
 
     def _lora_request(self, adapter: ResolvedAdapter | None):
         if adapter is None:
@@ -372,11 +411,8 @@ class VllmEngine:
 
         if self._llm.errored:
             raise EngineUnavailable("the engine is not running")
-        if request.prompt_logprobs is not None and not self._prompt_logprobs_safe:
-            raise NotSupported(
-                "prompt_logprobs with LoRA enabled would crash this vLLM build "
-                "(vLLM issues 16668/29955); see gateway/engine_patches.py"
-            )
+        if request.prompt_logprobs is not None and self.safety.prompt_logprobs_refusal:
+            raise NotSupported(self.safety.prompt_logprobs_refusal)
         params = self._sampling_params(request, output_kind_delta=stream)
         if request.adapter is not None:
             await self._ensure_loaded(request.adapter)
@@ -445,34 +481,38 @@ class VllmEngine:
         return list(self._tokenizer.convert_ids_to_tokens(token_ids))
 
     async def add_adapter(self, adapter: ResolvedAdapter) -> None:
+        if self.safety.vocab_lora_refusal:
+            await self._check_vocab_lora(adapter)
         try:
             await self._llm.add_lora(self._lora_request(adapter))
         except Exception as exc:
             raise AdapterUnavailable(f"adapter {adapter.name!r} failed to load: {exc}") from exc
         self._loaded_adapters.add(adapter.engine_id)
 
+    async def _check_vocab_lora(self, adapter: ResolvedAdapter) -> None:
+        """Refuse an adapter with LoRA weights on lm_head / embed_tokens where that is unsafe."""
+        modules = self._vocab_lora.get(adapter.engine_id)
+        if modules is None:
+            modules = await asyncio.to_thread(vocab_lora_in, adapter.path)
+            self._vocab_lora[adapter.engine_id] = modules
+        if modules:
+            raise AdapterUnavailable(
+                f"adapter {adapter.name!r} has LoRA weights on {', '.join(modules)}: "
+                f"{self.safety.vocab_lora_refusal}"
+            )
+
     async def adapter_residency(self) -> tuple[set[int], set[int]]:
         if not self._lora_enabled:
             return set(), set()
-        results = await self._llm.collective_rpc("loraplex_lora_residency")
-        active = {i for slots, _ in results for i in slots}
-        cached = {i for _, registered in results for i in registered}
+        # Every rank (tensor / pipeline parallel) holds the same adapters: the first one says.
+        slots, registered = (await self._llm.collective_rpc("loraplex_lora_residency"))[0]
+        active, cached = set(slots), set(registered)
         return active, cached - active
 
     async def adapter_stats(self) -> AdapterStats:
-        stats = AdapterStats()
         if not self._lora_enabled:
-            return stats
-        for worker in await self._llm.collective_rpc("loraplex_adapter_stats"):
-            stats.active.update(worker["active"])
-            stats.cached.update(worker["cached"])
-            stats.loads.extend(worker["loads"])
-            stats.load_failures.extend(worker["load_failures"])
-            for field, counts in (("evictions", stats.evictions), ("lookups", stats.lookups)):
-                for engine_id, tier, n in worker[field]:
-                    counts[(engine_id, tier)] = counts.get((engine_id, tier), 0) + n
-        stats.cached -= stats.active
-        return stats
+            return AdapterStats()
+        return adapter_stats_of(await self._llm.collective_rpc("loraplex_adapter_stats"))
 
     def unfinished_requests(self) -> int:
         return self._llm.get_num_unfinished_requests()
@@ -482,6 +522,24 @@ class VllmEngine:
 
     async def shutdown(self) -> None:
         self._llm.shutdown()
+
+
+def adapter_stats_of(ranks: list[dict[str, list]]) -> AdapterStats:
+    """The workers' `loraplex_adapter_stats` replies as one engine's figures.
+
+    Every rank (tensor / pipeline parallel) loads, evicts and looks up the same adapters, so
+    the first rank's counts are the engine's; adding them up would count each event per rank.
+    """
+    stats, first = AdapterStats(), ranks[0]
+    stats.active.update(first["active"])
+    stats.cached.update(first["cached"])
+    stats.loads.extend(first["loads"])
+    stats.load_failures.extend(first["load_failures"])
+    for field, counts in (("evictions", stats.evictions), ("lookups", stats.lookups)):
+        for engine_id, tier, n in first[field]:
+            counts[(engine_id, tier)] = counts.get((engine_id, tier), 0) + n
+    stats.cached -= stats.active
+    return stats
 
 
 def _special(tokenizer: Any, kind: str) -> tuple[int, str] | None:

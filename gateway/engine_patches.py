@@ -2,19 +2,24 @@
 
 vLLM loads `vllm.general_plugins` entry points in every process it starts (engine core,
 workers), so the fix is in place wherever the LoRA kernels run. Registered in pyproject.toml.
-What each fixes and how it is tested: docs/vllm-issues.md; what each measured: benchmarks/.
+Each fix is installed only where its bug is (gateway/engine_fixes.py decides: platform, vLLM
+version), patches the CPU subclass rather than the GPU class it inherits from, and each worker
+reports what it applied (`worker_report`). What each fixes and how it is tested:
+docs/vllm-issues.md; what each measured: benchmarks/.
 
-1. Base rows computed with an adapter in vLLM's PyTorch-native LoRA ops (CPU): index -1 wrapped
-   to the last slot, and every token's weights copied. The replacements (gateway/cpu_lora.py)
-   leave rows without an adapter alone and batch all adapters of a step in a few matmuls.
-2. Prompt logprobs with LoRA kill the engine (vLLM issues 16668, 29955): the logits layer
-   indexed adapters per request of the batch; the fix uses the slice's own token indices.
-3. Engine processes spin between steps (`SpinCondition.wait`), taking the cores of a CPU host;
-   with LORAPLEX_ENGINE_SPIN_WAIT=0 a reader blocks on the queue's notification (1 ms cap).
-4. Two process round trips per step (`execute_model`, then `sample_tokens`): the worker samples
-   at once when no structured-output request needs the bitmask.
-5. LoRA on an int8 (oneDNN) base: the kernel sets `layer.weight = None`, and vLLM's
-   `_get_lora_device` reads it; the fix returns the weight scale's device. No upstream issue.
+1. cpu_lora_ops: base rows computed with an adapter in vLLM's PyTorch-native LoRA ops (CPU):
+   index -1 wrapped to the last slot, and every token's weights copied. The replacements
+   (gateway/cpu_lora.py) leave rows without an adapter alone and batch all adapters of a step.
+2. cpu_prompt_logprobs_lora: prompt logprobs with LoRA kill the engine (vLLM issues 16668,
+   29955): the logits layer indexed adapters per request of the batch; the fix uses the
+   slice's own token indices (V1 CPU model runner).
+3. no_spin_wait: engine processes spin between steps (`SpinCondition.wait`), taking the cores
+   of a CPU host; with LORAPLEX_ENGINE_SPIN_WAIT=0 a reader blocks on the queue's notification.
+4. one_call_per_step: two process round trips per step (`execute_model`, then
+   `sample_tokens`): the CPU worker samples at once when no structured-output request needs
+   the bitmask.
+5. int8_lora_device: LoRA on an int8 (oneDNN) base: the kernel sets `layer.weight = None`,
+   and vLLM's `_get_lora_device` reads it; the fix returns the weight scale's device.
 """
 
 from __future__ import annotations
@@ -28,11 +33,10 @@ from typing import Any
 
 import zmq  # vLLM's own dependency: its engine processes talk over ZMQ
 
-from gateway import cpu_lora
+from gateway import cpu_lora, engine_fixes
 
 log = logging.getLogger(__name__)
 
-PLUGIN_NAME = "loraplex_lora_fixes"  # the entry point name in pyproject.toml
 SPIN_WAIT_ENV = "LORAPLEX_ENGINE_SPIN_WAIT"  # config engine_spin_wait's variable; "0": fix 3
 BUSY_POLL_MS = 1  # fix 3: longest a busy reader blocks without a notification
 
@@ -237,65 +241,117 @@ def _device_of_released_weight(original: Callable[..., Any]) -> Callable[..., An
     return get_lora_device
 
 
+INSTALLED: set[str] = set()
+"""The fixes `register` installed in this process (names from gateway/engine_fixes.py)."""
+
+
+def _install_cpu_lora_ops() -> None:
+    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    for name, op in _REPLACED_OPS.items():
+        setattr(lora_ops, name, op)  # sgmv_* look these up at call time
+        if hasattr(punica_cpu, name):
+            setattr(punica_cpu, name, op)  # imported by name into the CPU wrapper
+    wrapper = punica_cpu.PunicaWrapperCPU
+    _patch(wrapper, "update_metadata", _update_metadata_with_plans)
+    for name, method in _WRAPPER_METHODS.items():
+        getattr(wrapper, name)  # fail here, not mid-step, if upstream renamed one
+        setattr(wrapper, name, method)
+
+
+def _install_cpu_prompt_logprobs() -> None:
+    """On vLLM's V1 CPU model runner only (the subclass, not the GPU runner it inherits)."""
+    from vllm.lora.punica_wrapper import punica_cpu
+    from vllm.v1.worker import cpu_model_runner
+
+    if not getattr(punica_cpu.PunicaWrapperCPU.update_metadata, "__loraplex_patched__", False):
+        raise AttributeError("needs the CPU LoRA ops' step plans (cpu_lora_ops)")
+    _patch(cpu_model_runner.CPUModelRunner, "_get_prompt_logprobs_dict", _with_prompt_rows)
+    _add_lora_logits.__loraplex_patched__ = True  # type: ignore[attr-defined]
+    setattr(punica_cpu.PunicaWrapperCPU, "add_lora_logits", _add_lora_logits)  # noqa: B010
+
+
+def _install_one_call_per_step() -> None:
+    """On vLLM's CPU worker only (the subclass, not the GPU worker it inherits from)."""
+    from vllm.v1.worker import cpu_worker
+
+    _patch(cpu_worker.CPUWorker, "execute_model", _sample_in_same_call)
+
+
+def _install_int8_lora_device() -> None:
+    from vllm.lora.layers import base_linear, fused_moe, utils
+
+    _patch(utils, "_get_lora_device", _device_of_released_weight)
+    patched = getattr(utils, "_get_lora_device")  # noqa: B009
+    for module in (base_linear, fused_moe):  # imported there by name
+        setattr(module, "_get_lora_device", patched)  # noqa: B010
+
+
+def _install_no_spin_wait() -> None:
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    _blocking_wait.__loraplex_patched__ = True  # type: ignore[attr-defined]
+    setattr(shm_broadcast.SpinCondition, "wait", _blocking_wait)  # noqa: B010
+
+
+_INSTALLERS: dict[str, Callable[[], None]] = {
+    engine_fixes.CPU_LORA_OPS: _install_cpu_lora_ops,
+    engine_fixes.CPU_PROMPT_LOGPROBS: _install_cpu_prompt_logprobs,
+    engine_fixes.ONE_CALL_PER_STEP: _install_one_call_per_step,
+    engine_fixes.INT8_LORA_DEVICE: _install_int8_lora_device,
+    engine_fixes.NO_SPIN_WAIT: _install_no_spin_wait,
+}
+
+
 def register() -> None:
     """vLLM plugin entry point; safe to call more than once per process.
 
-    Each fix is applied on its own, and a failure is logged, never silent.
+    Installs the fixes `engine_fixes.fixes_to_install` selects for this process's platform
+    and vLLM version, each on its own; a failure is logged, never silent, and leaves that fix
+    out of `INSTALLED` (so out of the engine's report).
     """
-    try:
-        from vllm.lora.ops.torch_ops import lora_ops
-        from vllm.lora.punica_wrapper import punica_cpu
+    from vllm import __version__ as vllm_version
+    from vllm.platforms import current_platform
 
-        for name, op in _REPLACED_OPS.items():
-            setattr(lora_ops, name, op)  # sgmv_* look these up at call time
-            if hasattr(punica_cpu, name):
-                setattr(punica_cpu, name, op)  # imported by name into the CPU wrapper
-        wrapper = punica_cpu.PunicaWrapperCPU
-        _patch(wrapper, "update_metadata", _update_metadata_with_plans)
-        for name, method in _WRAPPER_METHODS.items():
-            getattr(wrapper, name)  # fail here, not mid-step, if upstream renamed one
-            setattr(wrapper, name, method)
-    except (ImportError, AttributeError) as exc:
-        log.error("loraplex: cannot replace vLLM's CPU LoRA ops: %s", exc)
-    try:
-        from vllm.lora.punica_wrapper import punica_cpu
-        from vllm.v1.worker import gpu_model_runner
-
-        runner = gpu_model_runner.GPUModelRunner
-        _patch(runner, "_get_prompt_logprobs_dict", _with_prompt_rows)
-        _add_lora_logits.__loraplex_patched__ = True  # type: ignore[attr-defined]
-        setattr(punica_cpu.PunicaWrapperCPU, "add_lora_logits", _add_lora_logits)  # noqa: B010
-    except (ImportError, AttributeError) as exc:
-        log.error("loraplex: cannot fix vLLM's prompt logprobs with LoRA: %s", exc)
-    try:
-        from vllm.v1.worker import gpu_worker  # the CPU worker inherits execute_model
-
-        _patch(gpu_worker.Worker, "execute_model", _sample_in_same_call)
-    except (ImportError, AttributeError) as exc:
-        log.error("loraplex: cannot merge vLLM's sampling call into its model call: %s", exc)
-    try:
-        from vllm.lora.layers import base_linear, fused_moe, utils
-
-        _patch(utils, "_get_lora_device", _device_of_released_weight)
-        patched = getattr(utils, "_get_lora_device")  # noqa: B009
-        for module in (base_linear, fused_moe):  # imported there by name
-            setattr(module, "_get_lora_device", patched)  # noqa: B010
-    except (ImportError, AttributeError) as exc:
-        log.error("loraplex: cannot serve LoRA on an int8 (oneDNN) base: %s", exc)
-    if os.environ.get(SPIN_WAIT_ENV) == "0":
+    spin_wait = os.environ.get(SPIN_WAIT_ENV) != "0"
+    selected = engine_fixes.fixes_to_install(current_platform.device_type, vllm_version, spin_wait)
+    if not selected and engine_fixes.release(vllm_version) != engine_fixes.VERIFIED_VLLM:
+        log.warning(
+            "loraplex: vLLM %s is not the verified %s; no engine fix installed",
+            vllm_version,
+            engine_fixes.VERIFIED_VLLM,
+        )
+    for name in selected:  # in FIXES order: the prompt-logprob fix after the ops it uses
         try:
-            from vllm.distributed.device_communicators import shm_broadcast
-
-            _blocking_wait.__loraplex_patched__ = True  # type: ignore[attr-defined]
-            setattr(shm_broadcast.SpinCondition, "wait", _blocking_wait)  # noqa: B010
+            _INSTALLERS[name]()
         except (ImportError, AttributeError) as exc:
-            log.error("loraplex: cannot stop vLLM's engine processes spinning: %s", exc)
+            log.error("loraplex: cannot install engine fix %s: %s", name, exc)
+            continue
+        INSTALLED.add(name)
 
 
-def plugin_enabled() -> bool:
-    """True if vLLM will load this plugin in its processes (installed, not filtered out)."""
-    from importlib.metadata import entry_points
+def _patched(owner: type, name: str) -> bool:
+    return bool(getattr(getattr(owner, name, None), "__loraplex_patched__", False))
 
-    installed = any(ep.name == PLUGIN_NAME for ep in entry_points(group="vllm.general_plugins"))
-    allowed = os.environ.get("VLLM_PLUGINS")
-    return installed and (allowed is None or PLUGIN_NAME in allowed.split(","))
+
+def worker_report(worker: Any) -> dict[str, Any]:
+    """What a vLLM worker runs on and which installed fixes are in its code paths.
+
+    A fix counts only where the worker would call it: the prompt-logprob fix on vLLM's V1 CPU
+    model runner (the V2 runner has no such method), the one-call step on a CPU worker.
+    """
+    from vllm import __version__ as vllm_version
+    from vllm.platforms import current_platform
+
+    runner = getattr(worker, "model_runner", None)
+    reachable = {
+        engine_fixes.CPU_PROMPT_LOGPROBS: _patched(type(runner), "_get_prompt_logprobs_dict"),
+        engine_fixes.ONE_CALL_PER_STEP: _patched(type(worker), "execute_model"),
+    }
+    return {
+        "platform": current_platform.device_type,
+        "model_runner": "v2" if getattr(worker, "use_v2_model_runner", False) else "v1",
+        "vllm_version": vllm_version,
+        "applied": [n for n in engine_fixes.FIX_NAMES if n in INSTALLED and reachable.get(n, True)],
+    }

@@ -1,4 +1,4 @@
-"""A vLLM worker extension: where LoRA adapters live, and what the LoRA caches did (metrics).
+"""A vLLM worker extension: engine fixes applied, where LoRA adapters live, cache activity.
 
 vLLM mixes this class into its worker (`worker_extension_cls`); the gateway calls it through
 `collective_rpc`. Adapters in `_active_adapters` sit in batch slots; the rest of
@@ -83,6 +83,12 @@ class _AdapterCacheStats:
 
 class LoraResidencyExtension:
     """Mixed into vLLM's worker class."""
+
+    def loraplex_engine_fixes(self) -> dict[str, Any]:
+        """Platform, model runner, vLLM version and the loraplex fixes this worker runs."""
+        from gateway.engine_patches import worker_report  # vLLM's processes only
+
+        return worker_report(self)
 
     def _loraplex_manager(self) -> Any:
         runner = getattr(self, "model_runner", None)

@@ -249,6 +249,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             unfinished_requests=pipeline.engine.unfinished_requests(),
             bos_token=_special_token(info.bos_token),
             eos_token=_special_token(info.eos_token),
+            engine_fixes=info.engine_fixes,
+            prompt_logprobs_unsupported=info.prompt_logprobs_refusal,
+            vocab_lora_unsupported=info.vocab_lora_refusal,
         )
 
 

@@ -39,6 +39,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 
 from gateway.domain import AdapterStats, EngineRequest, GenerationChunk, ResolvedAdapter, Timing
+from gateway.engine_fixes import FIX_NAMES
 from gateway.errors import code_of
 from gateway.resolver import AdapterResolver
 
@@ -179,6 +180,12 @@ class GatewayMetrics:
             PREFIX + "build_info",
             "Always 1; labels say what is running.",
             ["version", "engine", "base_model", "quantization"],
+            registry=r,
+        )
+        self.engine_fix = Gauge(
+            PREFIX + "engine_fix_applied",
+            "1 for each loraplex fix to vLLM every engine worker applied, 0 for the others.",
+            ["fix"],
             registry=r,
         )
         self.serving = Gauge(
@@ -414,6 +421,12 @@ class GatewayMetrics:
     def started(self, engine: str, base_model: str, quantization: str) -> None:
         version = metadata.version("loraplex")
         self.build_info.labels(version, engine, base_model, quantization).set(1)
+
+    def engine_fixes(self, applied: Iterable[str]) -> None:
+        """Which of loraplex's vLLM fixes the engine reported (gateway/engine_fixes.py)."""
+        applied = set(applied)
+        for name in FIX_NAMES:
+            self.engine_fix.labels(name).set(1 if name in applied else 0)
 
     def touch(
         self, adapters: Iterable[ResolvedAdapter], aliases: Iterable[tuple[str, str, int]]

@@ -204,12 +204,13 @@ class Gateway:
 
         metrics = self.metrics
         sink = metrics.record_queue if metrics is not None else None
-        engine = await asyncio.to_thread(VllmEngine.start, self.config, True, sink)
+        engine = await VllmEngine.start(self.config, True, sink)
         cache_vllm_environment()  # this process starts no other engine
         if metrics is not None:  # the first call installs the counters: before any load
             metrics.record_adapter_stats(await engine.adapter_stats(), [])
             info = engine.info
             metrics.started(info.engine, info.base_model, info.quantization)
+            metrics.engine_fixes(info.engine_fixes)
         for adapter in resolver.servable()[: self.config.max_cpu_loras or self.config.max_loras]:
             try:
                 await engine.add_adapter(adapter)
@@ -326,9 +327,10 @@ class Gateway:
 
 def serve(config: GatewayConfig) -> int:
     """Run a gateway in a fresh event loop; returns its exit code."""
-    from gateway.engine import check_quantization  # the vLLM import
+    from gateway.engine import check_parallelism, check_quantization  # the vLLM import
 
     check_quantization(config)
+    check_parallelism(config)
 
     async def main() -> int:  # grpc.aio objects must be created inside the running loop
         return await Gateway(config).run()

@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from gateway.client import AsyncClient
+from gateway.engine_fixes import FIX_NAMES
 from loraplex.v1 import generation_pb2 as pb
 from tests.support.gateway import MAX_MODEL_LEN
 from tests.support.hf_reference import hf_reference
@@ -281,6 +282,8 @@ def test_tokenize_matches_hf_and_model_info(gateway, hf, tiny_model):
     ranks = {a.name: a.rank for a in info.adapters}
     assert len(set(ranks.values())) > 1
     assert info.engine.startswith("vllm")
+    assert list(info.engine_fixes) == list(FIX_NAMES)  # CPU: every fix in the worker's paths
+    assert info.prompt_logprobs_unsupported == "" and info.vocab_lora_unsupported == ""
     assert (info.bos_token.id, info.bos_token.text) == (hf.tokenizer.bos_token_id, "<s>")
     assert (info.eos_token.id, info.eos_token.text) == (
         hf.tokenizer.eos_token_id,

@@ -35,6 +35,39 @@ def test_kv_cache_space_is_whole_gib_as_vllm_reads_it():
     assert load_config(model="m", kv_cache_space_gib=2.0).kv_cache_space_gib == 2
 
 
+def test_parallel_settings_reach_vllms_engine_arguments():
+    from gateway.engine import _engine_args
+
+    config = load_config(
+        model="m",
+        tensor_parallel_size=4,
+        pipeline_parallel_size=2,
+        distributed_executor_backend="mp",
+        gpu_memory_utilization=0.8,
+    )
+    args = _engine_args(config, enable_lora=True)
+    assert (args.tensor_parallel_size, args.pipeline_parallel_size) == (4, 2)
+    assert args.distributed_executor_backend == "mp" and args.gpu_memory_utilization == 0.8
+    with pytest.raises(ConfigError, match="tensor_parallel_size"):
+        load_config(model="m", tensor_parallel_size=0)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"tensor_parallel_size": 2, "distributed_executor_backend": "uni"}, "uni runs one"),
+        ({"pipeline_parallel_size": 2, "distributed_executor_backend": "uni"}, "uni runs one"),
+        ({"distributed_executor_backend": "ray"}, "needs Ray"),  # not in the lock
+    ],
+)
+def test_parallel_settings_vllm_cannot_start_are_refused_up_front(settings, message):
+    from gateway.engine import check_parallelism
+
+    with pytest.raises(ConfigError, match=message):
+        check_parallelism(load_config(model="m", **settings))
+    check_parallelism(load_config(model="m", tensor_parallel_size=2))  # mp, vLLM's default
+
+
 def test_unknown_key_suggests_the_right_one(tmp_path):
     config_file = tmp_path / "gateway.yaml"
     config_file.write_text("model: m\nmax_lora: 4\n")

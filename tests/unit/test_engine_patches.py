@@ -263,14 +263,14 @@ def test_the_worker_leaves_sampling_to_the_engine_core_otherwise(worker, schedul
     assert output == worker.forward_output and worker.sampled == []
 
 
-def test_the_plugin_patches_vllms_worker_once():
-    from vllm.v1.worker import gpu_worker
+def test_the_plugin_patches_vllms_cpu_worker_once():
+    from vllm.v1.worker import cpu_worker
 
     register()
-    patched = gpu_worker.Worker.execute_model
+    patched = cpu_worker.CPUWorker.execute_model
     assert patched.__loraplex_patched__ and patched.__wrapped__.__name__ == "execute_model"
     register()
-    assert gpu_worker.Worker.execute_model is patched
+    assert cpu_worker.CPUWorker.execute_model is patched
 
 
 def test_lora_layers_find_the_device_of_a_base_whose_kernel_released_its_weight():

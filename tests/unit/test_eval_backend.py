@@ -8,6 +8,7 @@ split, rolling windows over a 64-token context, truncation), not the model.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import Iterator
 
@@ -137,6 +138,20 @@ def test_rolling_windows_score_every_token_once_over_a_short_context(gateway):
     tokens = [1, *(ord(c) % INFO.vocab_size for c in text)]
     [total] = lm.loglikelihood_rolling(_requests("loglikelihood_rolling", [(text,)]), True)
     assert total == pytest.approx(sum(map(score, tokens)))
+
+
+def test_a_gateway_refusing_prompt_logprobs_stops_only_what_needs_them(gateway):
+    """Multi-token continuations and perplexity need prompt logprobs; one-token choices do not."""
+    target, engine = gateway
+    engine.info = dataclasses.replace(engine.info, prompt_logprobs_refusal="not on this engine")
+    lm = LoraplexLM(target=target)
+    before = len(engine.seen)
+    for kind, args in (("loglikelihood", ("Q: x?", " ab")), ("loglikelihood_rolling", ("ab",))):
+        with pytest.raises(EvalInputError, match="refuses: not on this engine"):
+            getattr(lm, kind)(_requests(kind, [args]), disable_tqdm=True)
+    assert len(engine.seen) == before  # stopped before sending anything
+    [(logprob, _)] = lm.loglikelihood(_requests("loglikelihood", [("Q: x?", "a")]), True)
+    assert logprob == pytest.approx(score(ord("a") % INFO.vocab_size))
 
 
 def test_short_or_failed_answers_are_errors_not_scores(gateway):

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.client import AsyncClient
 from gateway.domain import AdapterStats, ResolvedAdapter
+from gateway.engine_fixes import FIX_NAMES
 from gateway.generation import GenerationServicer
 from gateway.metrics import BASE, OTHER, AdapterLabels, AliasCollector, GatewayMetrics
 from gateway.pipeline import GenerationPipeline
@@ -19,10 +20,11 @@ from loraplex.v1 import generation_pb2_grpc as pb_grpc
 from tests.support.fakes import FAKE_BASE, FakeEngine, make_adapter
 
 NAME = re.compile(r"loraplex_[a-z0-9_]+")
+
 UNITS = ("_seconds", "_bytes", "_total", "_info")  # the unit (or kind) suffixes in use
-# The metrics without a unit suffix, and why: a state (1/0) and two counts of requests.
+# The metrics without a unit suffix, and why: states (1/0) and two counts of requests.
 UNITLESS = {"loraplex_serving", "loraplex_requests_in_flight", "loraplex_requests_waiting",
-            "loraplex_adapter_resident"}  # fmt: skip
+            "loraplex_adapter_resident", "loraplex_engine_fix_applied"}  # fmt: skip
 
 
 def sample_value(registry: CollectorRegistry, name: str, **labels: str) -> float:
@@ -211,6 +213,7 @@ def test_queue_rollbacks_verdicts_and_aliases(served):
 async def test_every_metric_follows_the_naming_conventions(served):
     client, registry, metrics, _ = served
     metrics.started("fake 0", "tiny", "none")
+    metrics.engine_fixes(["cpu_lora_ops"])
     await client.generate("Hi", "alpha", max_tokens=2)  # counters with samples to look at
     registry.register(AliasCollector(lambda: [("alpha", "production", 1)], metrics.labels))
     families = list(registry.collect())
@@ -233,3 +236,6 @@ async def test_every_metric_follows_the_naming_conventions(served):
     assert counted >= 3  # the sample check above saw real counters
     build = next(f for f in families if f.name == "loraplex_build_info")
     assert build.type == "gauge" and build.samples[0].value == 1
+    fix_family = next(f for f in families if f.name == "loraplex_engine_fix_applied")
+    fixes = {sample.labels["fix"]: sample.value for sample in fix_family.samples}
+    assert fixes == {name: float(name == "cpu_lora_ops") for name in FIX_NAMES}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import grpc
 import pytest
 
@@ -130,3 +132,17 @@ async def test_model_info_lists_servable_adapters_only(served):
     assert (info.bos_token.id, info.bos_token.text, info.eos_token.id) == (1, "<s>", 2)
     tokens = await client.tokenize("ab", add_special_tokens=False)
     assert list(tokens.token_ids) == [97, 98] and list(tokens.tokens) == ["<97>", "<98>"]
+    assert list(info.engine_fixes) == [] and info.prompt_logprobs_unsupported == ""
+
+
+async def test_model_info_says_what_the_engine_refuses_and_why(served):
+    client, engine, _ = served
+    engine.info = dataclasses.replace(
+        engine.info,
+        engine_fixes=("no_spin_wait",),
+        vocab_lora_refusal="not on this engine (vLLM issue 51594)",
+    )
+    info = await client.model_info()
+    assert list(info.engine_fixes) == ["no_spin_wait"]
+    assert info.vocab_lora_unsupported == "not on this engine (vLLM issue 51594)"
+    assert info.prompt_logprobs_unsupported == ""

@@ -225,7 +225,7 @@ class AdapterSummary(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., rank: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("base_model", "quantization", "dtype", "max_context_length", "max_lora_rank", "max_loras", "adapters", "vocab_size", "engine", "unfinished_requests", "bos_token", "eos_token")
+    __slots__ = ("base_model", "quantization", "dtype", "max_context_length", "max_lora_rank", "max_loras", "adapters", "vocab_size", "engine", "unfinished_requests", "bos_token", "eos_token", "engine_fixes", "prompt_logprobs_unsupported", "vocab_lora_unsupported")
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -238,6 +238,9 @@ class GetModelInfoResponse(_message.Message):
     UNFINISHED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     BOS_TOKEN_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIXES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_UNSUPPORTED_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_LORA_UNSUPPORTED_FIELD_NUMBER: _ClassVar[int]
     base_model: str
     quantization: str
     dtype: str
@@ -250,7 +253,10 @@ class GetModelInfoResponse(_message.Message):
     unfinished_requests: int
     bos_token: SpecialToken
     eos_token: SpecialToken
-    def __init__(self, base_model: _Optional[str] = ..., quantization: _Optional[str] = ..., dtype: _Optional[str] = ..., max_context_length: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_loras: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AdapterSummary, _Mapping]]] = ..., vocab_size: _Optional[int] = ..., engine: _Optional[str] = ..., unfinished_requests: _Optional[int] = ..., bos_token: _Optional[_Union[SpecialToken, _Mapping]] = ..., eos_token: _Optional[_Union[SpecialToken, _Mapping]] = ...) -> None: ...
+    engine_fixes: _containers.RepeatedScalarFieldContainer[str]
+    prompt_logprobs_unsupported: str
+    vocab_lora_unsupported: str
+    def __init__(self, base_model: _Optional[str] = ..., quantization: _Optional[str] = ..., dtype: _Optional[str] = ..., max_context_length: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_loras: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AdapterSummary, _Mapping]]] = ..., vocab_size: _Optional[int] = ..., engine: _Optional[str] = ..., unfinished_requests: _Optional[int] = ..., bos_token: _Optional[_Union[SpecialToken, _Mapping]] = ..., eos_token: _Optional[_Union[SpecialToken, _Mapping]] = ..., engine_fixes: _Optional[_Iterable[str]] = ..., prompt_logprobs_unsupported: _Optional[str] = ..., vocab_lora_unsupported: _Optional[str] = ...) -> None: ...
 
 class SpecialToken(_message.Message):
     __slots__ = ("id", "text")

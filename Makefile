@@ -8,7 +8,8 @@ SYS_STAMP := $(VENV)/.system-packages
 PG_LIB ?= /usr/lib/postgresql
 BUF := npx --yes @bufbuild/buf@1.75.0
 
-.PHONY: demo test test-unit lock check-env lint format docs protos check-protos buf-lint bench clean
+.PHONY: demo test test-unit lock check-env lint format docs protos check-protos buf-lint bench \
+	gpu-wheels gpu-check clean
 
 # The environment is installed from the lock (requirements/, made by `make lock` with uv), never
 # resolved on the day: every machine gets the packages CI tested, checked against their hashes.
@@ -109,6 +110,36 @@ buf-lint:
 
 bench: $(STAMP)
 	$(PY) benchmarks/gateway_throughput.py --interleave --repeats 9
+
+# benchmarks/gpu_check.py: QLoRA SFT on one NVIDIA GPU, offline, no vLLM (benchmarks/README.md).
+# A bare GPU machine with python3 3.12, torch (CUDA), transformers and accelerate lacks
+# bitsandbytes, trl and datasets: `make gpu-wheels` (here, from PyPI) downloads the lock's versions
+# of what the check imports, hashes checked, into $(GPU_WHEELS) (~56 MiB) to carry there.
+# `make gpu-check` runs it with .venv's Python, or where there is no .venv with $(PYTHON) and
+# the carried wheels unpacked into $(GPU_SITE) (`make gpu-check PYTHON=python3` there).
+GPU_WHEELS := build/gpu-wheels
+GPU_SITE := /tmp/loraplex-gpu-site
+GPU_CHECK_PACKAGES := accelerate bitsandbytes datasets dill multiprocess peft transformers trl
+GPU_CHECK_ARGS ?=
+
+gpu-wheels:
+	mkdir -p $(GPU_WHEELS)
+	awk -v names="$(GPU_CHECK_PACKAGES)" \
+		'BEGIN { split(names, n, " "); for (i in n) want[n[i]] = 1 } \
+		/^[a-z0-9]/ { split($$1, pin, "=="); keep = (pin[1] in want) } keep' \
+		requirements/gpu.txt > $(GPU_WHEELS)/requirements.txt
+	$(PYTHON) -m pip download --quiet --no-deps --require-hashes --only-binary=:all: \
+		--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+		--platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+		-d $(GPU_WHEELS) -r $(GPU_WHEELS)/requirements.txt
+	@du -sh $(GPU_WHEELS)
+
+gpu-check:
+	@if [ -x $(PY) ]; then py=$(PY); else py=$(PYTHON); \
+		$$py -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+			--target $(GPU_SITE) $(GPU_WHEELS)/*.whl || exit 1; \
+		export PYTHONPATH=$(GPU_SITE); fi; \
+	set -x; PYTHONUNBUFFERED=1 $$py benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build .pytest_cache

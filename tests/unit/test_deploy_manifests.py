@@ -44,7 +44,7 @@ from gateway.metrics import AdapterLabels, GatewayMetrics
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
-OVERLAYS = ("cpu", "gpu")
+OVERLAYS = ("cpu", "gpu", "gpu-4x")
 K8S_VERSION = "1.30.0"
 COMPOSE_SCHEMA = DEPLOY / "schemas" / "compose-spec.json"
 # compose/config/compose_spec.json of the docker-compose 1.29.2 wheel (see deploy/schemas).
@@ -495,6 +495,16 @@ def test_overlays_set_their_engine():
     models = next(v for v in pod["volumes"] if v["name"] == "models")
     assert one(gpu, "PersistentVolumeClaim", models["persistentVolumeClaim"]["claimName"])
     assert "initContainers" not in pod
+    # gpu-4x: one engine over the 4 GPUs of one node (tensor parallelism), the rest as gpu
+    deployment, container, config = gateway_parts(rendered("gpu-4x"))
+    gpus = container["resources"]["limits"]["nvidia.com/gpu"]
+    assert gpus == container["resources"]["requests"]["nvidia.com/gpu"] == 4
+    assert config.tensor_parallel_size * config.pipeline_parallel_size == gpus
+    assert config.distributed_executor_backend == "mp" and config.quantization == "awq"
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert _gib(shm["emptyDir"]["sizeLimit"]) >= 16
 
 
 def _config_keys(objects: dict) -> set[str]:
@@ -710,6 +720,24 @@ def test_dockerfile_contract(engine):
     for unwanted in (".venv/bin/python", ".git/HEAD", "build/x", "tests/unit/x.py", ".env"):
         assert _ignored(rules, unwanted), unwanted
     assert _ignored(rules, "gateway/__pycache__/cli.cpython-311.pyc")
+
+
+def test_gpu_image_cuda_matches_the_locked_torch_build():
+    """The GPU image's CUDA is the CUDA the locked torch was built for (13.0 for 2.13.0 on PyPI):
+    a re-lock that moves torch to another CUDA must move the base image (and its driver floor)."""
+    image = re.search(
+        r"^ARG CUDA_IMAGE=nvidia/cuda:(\d+)\.(\d+)\.\d+-base-ubuntu22\.04$",
+        DOCKERFILES["gpu"].read_text(),
+        re.MULTILINE,
+    )
+    runtime = re.search(
+        r"^nvidia-cuda-runtime==(\d+)\.(\d+)\.\S+ \\$",
+        (ROOT / "requirements" / "gpu.txt").read_text(),
+        re.MULTILINE,
+    )
+    assert image is not None, "no ARG CUDA_IMAGE=nvidia/cuda:X.Y.Z-base-ubuntu22.04"
+    assert runtime is not None, "no nvidia-cuda-runtime pin in requirements/gpu.txt"
+    assert image.groups() == runtime.groups(), (image.group(0), runtime.group(0))
 
 
 def _dockerignore_rules(path: Path) -> list[tuple[bool, re.Pattern]]:

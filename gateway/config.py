@@ -84,6 +84,9 @@ class GatewayConfig(BaseModel):
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     """GPU engine only: fraction of each GPU's memory vLLM may use for weights, activations and
     the KV cache (the KV cache gets what the other two leave)."""
+    gpu_kv_cache_gib: float | None = Field(default=None, gt=0)
+    """GPU engine only: KV cache size per GPU in GiB (vLLM's kv_cache_memory_bytes), instead of
+    what gpu_memory_utilization leaves; default: what it leaves."""
     tensor_parallel_size: int = Field(default=1, ge=1)
     """GPUs each layer is split across (a base too large for one GPU); one worker per GPU."""
     pipeline_parallel_size: int = Field(default=1, ge=1)

@@ -60,6 +60,8 @@ def engine_environment(config: GatewayConfig) -> dict[str, str]:
     cpu = current_platform.is_cpu()
     spin = config.engine_spin_wait if config.engine_spin_wait is not None else not cpu
     env = {SPIN_WAIT_ENV: "1" if spin else "0"}
+    if cpu and config.gpu_kv_cache_gib is not None:
+        raise ConfigError("gpu_kv_cache_gib is the GPU engine's; on CPU set kv_cache_space_gib")
     if cpu:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(config.kv_cache_space_gib)
         if config.cpu_reserved_cores is not None:
@@ -135,6 +137,9 @@ def _engine_args(config: GatewayConfig, enable_lora: bool):
         max_num_seqs=config.max_num_seqs,
         max_logprobs=config.max_logprobs,
         gpu_memory_utilization=config.gpu_memory_utilization,
+        kv_cache_memory_bytes=(
+            None if config.gpu_kv_cache_gib is None else int(config.gpu_kv_cache_gib * 2**30)
+        ),
         enforce_eager=config.enforce_eager,
         tensor_parallel_size=config.tensor_parallel_size,
         pipeline_parallel_size=config.pipeline_parallel_size,

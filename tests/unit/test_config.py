@@ -44,8 +44,10 @@ def test_parallel_settings_reach_vllms_engine_arguments():
         pipeline_parallel_size=2,
         distributed_executor_backend="mp",
         gpu_memory_utilization=0.8,
+        gpu_kv_cache_gib=1.5,
     )
     args = _engine_args(config, enable_lora=True)
+    assert args.kv_cache_memory_bytes == 3 << 29
     assert (args.tensor_parallel_size, args.pipeline_parallel_size) == (4, 2)
     assert args.distributed_executor_backend == "mp" and args.gpu_memory_utilization == 0.8
     with pytest.raises(ConfigError, match="tensor_parallel_size"):
@@ -66,6 +68,14 @@ def test_parallel_settings_vllm_cannot_start_are_refused_up_front(settings, mess
     with pytest.raises(ConfigError, match=message):
         check_parallelism(load_config(model="m", **settings))
     check_parallelism(load_config(model="m", tensor_parallel_size=2))  # mp, vLLM's default
+
+
+def test_the_gpu_kv_cache_setting_is_refused_on_cpu():
+    from gateway.engine import engine_environment
+
+    with pytest.raises(ConfigError, match="kv_cache_space_gib"):
+        engine_environment(load_config(model="m", gpu_kv_cache_gib=2))
+    assert engine_environment(load_config(model="m"))["VLLM_CPU_KVCACHE_SPACE"] == "1"
 
 
 def test_unknown_key_suggests_the_right_one(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway import engine_fixes, engine_patches
+from gateway.domain import ResolvedAdapter
 from gateway.engine import adapter_stats_of
 from gateway.engine_fixes import (
     CPU_LORA_OPS,
@@ -18,6 +19,7 @@ from gateway.engine_fixes import (
     lora_safety,
     vocab_lora_in,
 )
+from gateway.errors import AdapterUnavailable
 
 CPU_FIXES = (CPU_LORA_OPS, CPU_PROMPT_LOGPROBS, ONE_CALL_PER_STEP, INT8_LORA_DEVICE)
 
@@ -162,3 +164,45 @@ def test_adapter_stats_of_several_ranks_count_each_event_once():
     assert two == one
     assert one.active == {1, 2} and one.cached == {3} and one.loads == [(3, 0.25)]
     assert one.lookups == {(1, "slot"): 2, (3, "disk"): 1} and one.evictions == {(4, "slot"): 1}
+
+
+# -- the engine's refusal, on a fake CUDA report -----------------------------------------------
+
+
+class _LLM:
+    """The one AsyncLLM call add_adapter makes."""
+
+    def __init__(self) -> None:
+        self.loaded: list[int] = []
+
+    async def add_lora(self, request) -> bool:
+        self.loaded.append(request.lora_int_id)
+        return True
+
+
+def _engine_on(reports: list[EngineFixReport]):
+    from gateway.engine import VllmEngine
+
+    engine = VllmEngine.__new__(VllmEngine)  # no vLLM engine: the state add_adapter uses
+    engine._llm, engine._lora_enabled, engine._loaded_adapters = _LLM(), True, set()
+    engine.safety, engine._vocab_lora = lora_safety(reports, lora_enabled=True), {}
+    return engine
+
+
+def _resolved(tiny_model, name: str, engine_id: int) -> ResolvedAdapter:
+    return ResolvedAdapter(name, 1, engine_id, tiny_model.adapters[name], 8, ())
+
+
+async def test_a_cuda_engine_refuses_an_lm_head_adapter_before_vllm_loads_it(tiny_model):
+    engine = _engine_on([_report("cuda", "v2", "0.32.0", ())])
+    with pytest.raises(AdapterUnavailable, match=r"'epsilon' has LoRA weights on .*lm_head.*51594"):
+        await engine.add_adapter(_resolved(tiny_model, "epsilon", 5))
+    assert engine._llm.loaded == []  # refused before vLLM saw it: registration stores nothing
+    await engine.add_adapter(_resolved(tiny_model, "alpha", 1))
+    assert engine._llm.loaded == [1]
+
+
+async def test_a_cpu_engine_with_the_fix_serves_the_lm_head_adapter(tiny_model):
+    engine = _engine_on([_report()])
+    await engine.add_adapter(_resolved(tiny_model, "epsilon", 5))
+    assert engine._llm.loaded == [5]

@@ -17,7 +17,8 @@ class Check:
     """One policy check and how the candidate did on it."""
 
     name: str
-    kind: str  # benchmark_min | benchmark_vs_production | benchmark_vs_base | preference
+    kind: str  # benchmark_min | benchmark_vs_production | benchmark_vs_base | preference |
+    # length_ratio | distinct_ratio
     required: bool
     passed: bool
     value: float | None
@@ -94,15 +95,45 @@ def preference_check(policy: GatePolicy, summary: dict[str, Any]) -> Check:
     )
 
 
+def _show(ratio: float | None) -> str:
+    return "unbounded (the baseline has none)" if ratio is None else f"{ratio:.3g}"
+
+
+def behaviour_checks(policy: GatePolicy, behaviour: dict[str, Any]) -> list[Check]:
+    """The reward-hacking bounds: response length and distinct-n against the baseline's."""
+    pref = policy.preference
+    assert pref is not None
+    out = []
+    n, stats = behaviour["distinct_n"], (behaviour["candidate"], behaviour["baseline"])
+    if pref.max_length_ratio is not None:  # None: the baseline said nothing, the candidate did
+        ratio = behaviour["length_ratio"]
+        out.append(
+            Check(f"length ratio <= {pref.max_length_ratio:g}", "length_ratio", pref.required,
+                  ratio is not None and ratio <= pref.max_length_ratio, ratio,
+                  pref.max_length_ratio, f"mean words {stats[0]['mean_words']:.1f} vs baseline "
+                  f"{stats[1]['mean_words']:.1f}: ratio {_show(ratio)}")
+        )  # fmt: skip
+    if pref.min_distinct_ratio is not None:  # None: only the candidate has n-grams at all
+        ratio, key = behaviour["distinct_ratio"], f"distinct_{n}"
+        out.append(
+            Check(f"distinct-{n} ratio >= {pref.min_distinct_ratio:g}", "distinct_ratio",
+                  pref.required, ratio is None or ratio >= pref.min_distinct_ratio, ratio,
+                  pref.min_distinct_ratio, f"distinct-{n} {stats[0][key]:.3f} vs baseline "
+                  f"{stats[1][key]:.3f}: ratio {_show(ratio)}")
+        )  # fmt: skip
+    return out
+
+
 def policy_checks(
     policy: GatePolicy,
     scores: dict[str, dict[str, float]],
     directions: dict[str, bool],
     preference: dict[str, Any] | None,
+    behaviour: dict[str, Any] | None = None,
 ) -> list[Check]:
     """Every check of the policy, benchmarks first: `scores` by role (candidate, production,
     base) then check key, `directions` (higher is better) by check key, and the comparison's
-    summary when the policy has one."""
+    summary and response statistics (evalsuite/behaviour.py) when the policy has one."""
     checks = [
         c
         for bench in policy.benchmarks
@@ -111,6 +142,8 @@ def policy_checks(
     if policy.preference is not None:
         assert preference is not None, "the policy's comparison did not run"
         checks.append(preference_check(policy, preference))
+        if behaviour is not None:
+            checks.extend(behaviour_checks(policy, behaviour))
     return checks
 
 

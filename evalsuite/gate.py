@@ -19,10 +19,12 @@ from typing import Any
 
 import grpc
 
+from evalsuite.behaviour import behaviour
 from evalsuite.benchmarks import run_benchmarks
 from evalsuite.decisions import Check, decide, policy_checks
 from evalsuite.errors import EvalInputError, describe_failure
 from evalsuite.gate_report import GateReport, Promotion
+from evalsuite.lineage import check_judge_independence
 from evalsuite.pinning import GatePins, Pin, Pinner
 from evalsuite.policy import GatePolicy
 from gateway.client import AdapterClient
@@ -127,7 +129,7 @@ def run_gate(
         report.adapter, report.candidate = candidate.name, candidate.to_dict()
         pins = pinner.gate(candidate, policy)
         report.pin(pins.to_report())
-        checks = _evaluate(target, pins, policy, report)
+        checks = _evaluate(target, pins, policy, report, pinner.manifest(candidate))
         report.checks = [asdict(c) for c in checks]
         report.verdict, result.failed_checks = decide(checks)
     except Exception as exc:  # every failure is verdict "error": never a pass
@@ -142,8 +144,11 @@ def run_gate(
     return result
 
 
-def _evaluate(target: str, pins: GatePins, policy: GatePolicy, report: GateReport) -> list[Check]:
-    """Run what the policy asks for on the pinned versions, fill the report, return the checks."""
+def _evaluate(
+    target: str, pins: GatePins, policy: GatePolicy, report: GateReport, manifest: dict[str, Any]
+) -> list[Check]:
+    """Run what the policy asks for on the pinned versions, fill the report, return the checks.
+    `manifest`: the candidate's (its training reward models may not judge it unless allowed)."""
     systems = {"candidate": pins.candidate.ref}
     vs_production = any(b.max_regression_vs_production is not None for b in policy.benchmarks)
     if pins.production is not None:
@@ -152,9 +157,15 @@ def _evaluate(target: str, pins: GatePins, policy: GatePolicy, report: GateRepor
         vs_production and pins.production is None
     ):
         systems["base"] = ""  # with no production yet, the base stands in for it
-    preference = (
-        build_preference(target, policy, pins.judge) if policy.preference is not None else None
-    )
+    preference, independence = None, None
+    if policy.preference is not None:
+        preference = build_preference(target, policy, pins.judge)
+        independence = check_judge_independence(
+            policy.preference.judge,
+            preference[0].model_digests(),
+            manifest,
+            policy.preference.allow_training_judge,
+        )  # before anything runs
     scores: dict[str, dict[str, float]] = {}
     directions: dict[str, bool] = {}
     if policy.benchmarks:
@@ -171,14 +182,17 @@ def _evaluate(target: str, pins: GatePins, policy: GatePolicy, report: GateRepor
         }
         for bench in policy.benchmarks
     ]
-    summary = None
+    summary, stats = None, None
     if preference is not None:
-        assert pins.baseline is not None
+        assert pins.baseline is not None and policy.preference is not None
         report.preference = run_preference(
             target, pins.candidate.ref, pins.baseline.ref, policy, *preference
         )
         summary = report.preference["summary"]
-    return policy_checks(policy, scores, directions, summary)
+        stats = behaviour(report.preference["pairs"], policy.preference.distinct_n)
+        report.preference["behaviour"] = stats
+        report.preference["judge_independence"] = independence or "independent"
+    return policy_checks(policy, scores, directions, summary, stats)
 
 
 def _record_and_promote(

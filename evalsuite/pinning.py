@@ -104,6 +104,14 @@ class Pinner:
             )
         return Pin(reference, name, version)
 
+    def manifest(self, pin: Pin) -> dict[str, Any]:
+        """The pinned version's metadata: the trainer's manifest, for a trained adapter."""
+        from google.protobuf.json_format import MessageToDict
+
+        versions = self._adapter(pin.name).versions
+        version = next((v for v in versions if v.version == pin.version), None)
+        return MessageToDict(version.metadata) if version is not None else {}
+
     def candidate(self, reference: str) -> Pin:
         """The version to gate: NAME@ALIAS or NAME@vN, never a bare NAME (see split_reference)."""
         split_reference(reference)

@@ -97,6 +97,17 @@ class PreferenceCheck(_Section):
     """Confidence level of the paired bootstrap interval."""
     required: bool = True
     """A failed required check fails the gate; otherwise it is a warning."""
+    max_length_ratio: float | None = Field(None, gt=0)
+    """Reward-hacking check: the candidate's mean response length (words) over the baseline's
+    must stay at or below this (e.g. 1.5; a policy that learned to pad fails)."""
+    min_distinct_ratio: float | None = Field(None, gt=0)
+    """Reward-hacking check: the candidate's distinct-n (unique n-grams over all n-grams of its
+    responses) over the baseline's must stay at or above this (e.g. 0.8)."""
+    distinct_n: int = Field(2, ge=1, le=4)
+    """The n of distinct-n."""
+    allow_training_judge: bool = False
+    """Let a reward model the candidate was trained against (its manifest says so) judge it;
+    its verdict is then not independent evidence, and the report says so. Off: refused."""
 
 
 class GatePolicy(_Section):

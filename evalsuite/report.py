@@ -524,8 +524,29 @@ def _preference(report: dict) -> str:
         f'<figcaption class="legend">{legend}</figcaption></figure>'
         f'<figure style="margin-top:12px">{_win_rate_svg(summary, threshold)}'
         f"<figcaption>{_esc('; '.join(facts))}</figcaption></figure>"
+        f"{_behaviour(preference)}"
         f"{_examples(_list(preference.get('pairs')))}"
     )
+
+
+def _behaviour(preference: dict) -> str:
+    """Response length and diversity of both systems, and whether the judge is independent."""
+    stats = _dict(preference.get("behaviour"))
+    lines = []
+    if stats:
+        n = _num(stats.get("distinct_n")) or 2
+        key = f"distinct_{n:g}"
+        candidate, baseline = _dict(stats.get("candidate")), _dict(stats.get("baseline"))
+        lines.append(
+            f"mean words {_fmt(candidate.get('mean_words'))} vs {_fmt(baseline.get('mean_words'))}"
+            f" (ratio {_fmt(stats.get('length_ratio'))}); distinct-{n:g} "
+            f"{_fmt(candidate.get(key))} vs {_fmt(baseline.get(key))} "
+            f"(ratio {_fmt(stats.get('distinct_ratio'))}), candidate vs baseline"
+        )
+    independence = preference.get("judge_independence")
+    if isinstance(independence, str) and independence != "independent":
+        lines.append(f"not independent: {independence}")
+    return "".join(f'<p class="meta">{_esc(line)}</p>' for line in lines)
 
 
 def _policy(report: dict) -> str:

@@ -43,6 +43,11 @@ class Judge(ABC):
         """The options that define this judge, JSON-ready, so a report says how it judged."""
         return {}
 
+    def model_digests(self) -> list[str]:
+        """Content hashes (gateway.contract.folder_digest) of the local models it scores with,
+        so the gate can tell whether it is a reward model the candidate was trained against."""
+        return []
+
 
 def outcome_from_scores(candidate: float, baseline: float, tolerance: float) -> float:
     """Higher score wins; scores within `tolerance` of each other are a tie."""

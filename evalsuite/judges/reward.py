@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from evalsuite.errors import EvalInputError
 from evalsuite.judges.base import TIE, Judge, Judgement, outcome_from_scores
+from gateway.contract import folder_digest
 
 if TYPE_CHECKING:
     from evalsuite.compare import Pair
@@ -76,6 +77,9 @@ class RewardModelJudge(Judge):
 
     async def judge(self, pairs: Sequence[Pair]) -> list[Judgement]:
         return await asyncio.to_thread(self._judge, list(pairs))
+
+    def model_digests(self) -> list[str]:
+        return [folder_digest(self.path)]
 
     def config(self) -> dict[str, Any]:
         return {

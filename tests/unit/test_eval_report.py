@@ -307,3 +307,20 @@ def test_alias_refs_show_their_version() -> None:
     page = render_html(report)
     assert "colors@candidate (version 13)" in page
     assert "colors@v2 (version" not in page
+
+
+def test_response_statistics_and_a_judge_that_is_not_independent_are_shown() -> None:
+    report = _full_report()
+    report["preference"]["behaviour"] = {
+        "candidate": {"mean_words": 40.0, "distinct_2": 0.2},
+        "baseline": {"mean_words": 8.0, "distinct_2": 0.9},
+        "distinct_n": 2,
+        "length_ratio": 5.0,
+        "distinct_ratio": 0.22,
+    }
+    report["preference"]["judge_independence"] = "judge 'reward_model' <b>shares</b> the model"
+    page = render_html(report)
+    assert "mean words 40 vs 8 (ratio 5)" in page and "distinct-2 0.2 vs 0.9" in page
+    assert "not independent: judge &#x27;reward_model&#x27; &lt;b&gt;shares" in page
+    report["preference"]["judge_independence"] = "independent"
+    assert "not independent" not in render_html(report)

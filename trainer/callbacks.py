@@ -5,10 +5,13 @@ from __future__ import annotations
 import signal
 import threading
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 SHOWN_METRICS = ("loss", "eval_loss", "rewards/accuracies", "accuracy", "reward", "kl")
 
@@ -62,11 +65,17 @@ class SaveOnInterrupt(TrainerCallback):
     """First Ctrl-C: finish the current step, write a checkpoint, stop. Second: abort at once.
 
     The handler only sets a flag, so the checkpoint is taken at a step boundary and `--resume`
-    continues exactly from it.
+    continues exactly from it. Under several processes (torchrun and accelerate launch start
+    each in its own session and pass one SIGINT to each) the flags may be seen in different
+    steps, and a process that stops alone leaves the others waiting for its gradients: so at
+    every step end the processes agree (accelerate's trigger, one all-reduce of a flag) and all
+    stop at the first step end where any of them had the signal.
     """
 
-    def __init__(self) -> None:
-        self.requested = False
+    def __init__(self, accelerator: Accelerator | None = None) -> None:
+        self.accelerator = accelerator
+        self.requested = False  # this process got SIGINT
+        self.stopped = False  # training was stopped for it (in every process at the same step)
         self._previous: Any = None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -82,9 +91,19 @@ class SaveOnInterrupt(TrainerCallback):
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
     ) -> None:
-        if self.requested:
+        if self._agreed():
+            self.stopped = True
             control.should_save = True
             control.should_training_stop = True
+
+    def _agreed(self) -> bool:
+        """Whether to stop now: this process's flag, or any process's when there are several."""
+        accelerator = self.accelerator
+        if accelerator is None or accelerator.num_processes == 1:
+            return self.requested
+        if self.requested:
+            accelerator.set_trigger()
+        return accelerator.check_trigger()  # collective: every process calls it every step
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any

@@ -2,6 +2,9 @@
 
 Exit codes: 0 done, 2 bad config/data/arguments (nothing trained), 130 interrupted (a checkpoint
 was saved: rerun with --resume); registry errors use `loraplex adapters`' codes.
+
+Runs under `torchrun` / `accelerate launch` too (docs/training.md, "Distributed training"): every
+process trains, the main one writes the adapter and registers it.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ def _train(
         fail(str(exc), 2)
     if result.interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
-    if not register:
+    if not register or not result.is_main_process:  # several processes: one registers
         return
     assert result.adapter_dir is not None and name is not None
     typer.echo(f"registering {result.adapter_dir} as {name} ({CANDIDATE}) at {target}")

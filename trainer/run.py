@@ -5,6 +5,11 @@ No training loop of our own: the config becomes trl's `SFTConfig` / `DPOConfig` 
 holds `checkpoints/` (for `--resume`) and, once training finished, `adapter/` (peft format +
 manifest.json), which is written to a temporary folder and renamed, so a failed run never
 leaves a half-written adapter.
+
+Under `torchrun` / `accelerate launch` every process runs this same function (DDP): each checks
+the output folder before any writes, trains its share of every global batch, and only the main
+process writes the adapter and manifest (HF Trainer writes the checkpoints from it too); the
+others wait for it, so every process returns the finished adapter.
 """
 
 from __future__ import annotations
@@ -14,10 +19,14 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
+import transformers
+from accelerate import PartialState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
@@ -49,6 +58,7 @@ from trainer.modeling import attach_adapter, check_base_quantization, load_base,
 from trainer.rewards import load_rewards
 
 log = logging.getLogger(__name__)
+DDP_TIMEOUT_S = 1800  # transformers' default ddp_timeout, passed to both places that may use it
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
@@ -66,6 +76,7 @@ class TrainResult:
     global_step: int
     manifest: dict[str, Any] | None
     trainer: Any  # the trl trainer (tests inspect its model)
+    is_main_process: bool = True  # under several processes, the one that wrote (and registers)
 
 
 def run_dirs(config: RunConfig) -> tuple[Path, Path]:
@@ -87,6 +98,20 @@ def _check_output(config: RunConfig, resume: bool) -> Path | None:
             "or set another output_dir"
         )
     return None
+
+
+def _use_cpu() -> bool:
+    return not torch.cuda.is_available()
+
+
+def _process_state() -> PartialState:
+    """accelerate's view of this process among those torchrun / accelerate launch started (one
+    when run plainly), set up the way TrainingArguments sets it up later (it keeps the process
+    group), so the folder check and the writes can be ordered across processes before the
+    trainer exists. On CPU that is DDP over gloo."""
+    if _use_cpu():
+        return PartialState(cpu=True)
+    return PartialState(timeout=timedelta(seconds=DDP_TIMEOUT_S))
 
 
 def _check_chat_template(config: RunConfig, tokenizer: PreTrainedTokenizerBase, fmt: str) -> None:
@@ -137,7 +162,13 @@ def _training_args(config: RunConfig, checkpoints: Path, has_eval: bool) -> dict
         "data_seed": t.seed,
         "report_to": "none",
         "disable_tqdm": True,  # LossProgressBar replaces transformers' bar
-        "use_cpu": not torch.cuda.is_available(),
+        "use_cpu": _use_cpu(),  # several CPU processes: accelerate's MULTI_CPU, DDP over gloo
+        "ddp_timeout": DDP_TIMEOUT_S,
+        # The loss is the mean over the global batch's tokens, not the mean of each process's
+        # means: N processes of batch b train like one of batch N*b (transformers' default).
+        "average_tokens_across_devices": True,
+        # Every LoRA weight takes part in every forward: DDP need not search for unused ones.
+        "ddp_find_unused_parameters": False,
         "max_length": config.data.max_length,
     }
 
@@ -250,11 +281,13 @@ def _rl_record(config: RlRunConfig, trainer: Any) -> dict[str, Any]:
     }
 
 
-def _save_adapter(trainer: Any, adapter_dir: Path, manifest: dict[str, Any]) -> None:
+def _save_adapter(
+    trainer: Any, adapter_dir: Path, manifest: dict[str, Any], state_dict: dict[str, Any]
+) -> None:
     """Write the trained adapter (only it: not trl's frozen DPO reference) and its manifest."""
     partial = adapter_dir.with_name(adapter_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    trainer.model.save_pretrained(partial, selected_adapters=["default"])
+    trainer.model.save_pretrained(partial, selected_adapters=["default"], state_dict=state_dict)
     (partial / "README.md").unlink(
         missing_ok=True
     )  # peft's empty model card; the manifest says more
@@ -271,10 +304,20 @@ def run_training(
     callbacks: Sequence[TrainerCallback] = (),
     echo: Callable[[str], None] = print,
 ) -> TrainResult:
-    """Train per `config`; data and output folder are checked before any model is loaded."""
+    """Train per `config`; data and output folder are checked before any model is loaded.
+
+    Under several processes (torchrun, accelerate launch) only the main one echoes, writes the
+    adapter and is the one to register it (`TrainResult.is_main_process`)."""
     started = time.perf_counter()
     checkpoints, adapter_dir = run_dirs(config)
+    processes = _process_state()
+    if not processes.is_main_process:
+        echo = _silent
+        datasets.disable_progress_bars()  # the main process shows them once
+        transformers.logging.disable_progress_bar()
     resume_from = _check_output(config, resume)
+    # Every process has looked at the folder before any of them can write to it.
+    processes.wait_for_everyone()
     validated = validate_files(config.data, config.method)
     fmt = validated[0][0][1]
     check_base_quantization(config)
@@ -287,8 +330,9 @@ def run_training(
     set_seed(config.training.seed)  # before the model: a reward model's score head is random
     model, peft_config = attach_adapter(config, load_base(config, tokenizer))
     trainer = build_trainer(config, model, peft_config, tokenizer, data, fmt)
+    accelerator = trainer.accelerator
     trainer.remove_callback(PrinterCallback)
-    interrupt = SaveOnInterrupt()
+    interrupt = SaveOnInterrupt(accelerator)
     for callback in (LossProgressBar(), interrupt, *callbacks):
         trainer.add_callback(callback)
 
@@ -297,16 +341,31 @@ def run_training(
         metrics["initial_eval"] = dict(trainer.evaluate())  # the baseline the run improves on
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     step = trainer.state.global_step
-    if interrupt.requested:
+    main = accelerator.is_main_process
+    if interrupt.stopped:
         echo(f"interrupted: checkpoint at step {step} in {checkpoints}; continue with --resume")
-        return TrainResult(None, checkpoints, True, step, None, trainer)
+        return TrainResult(None, checkpoints, True, step, None, trainer, main)
 
     metrics["train"] = dict(output.metrics)
     if data.eval is not None:
         metrics["eval"] = dict(trainer.evaluate())
     manifest = build_manifest(config, data.report, metrics, time.perf_counter() - started, step)
+    manifest["processes"] = accelerator.num_processes  # global batch: per device x this x accum
     if isinstance(config, RlRunConfig):
         manifest["rl"] = _rl_record(config, trainer)
-    _save_adapter(trainer, adapter_dir, manifest)
+    # Every process takes part: under FSDP / DeepSpeed ZeRO-3 this gathers the sharded weights
+    # (for DDP and one process it is the model's own state dict).
+    state_dict = accelerator.get_state_dict(trainer.model_wrapped)
+    try:
+        if main:
+            _save_adapter(trainer, adapter_dir, manifest, state_dict)
+    finally:
+        accelerator.wait_for_everyone()  # (also when the main process failed: no one hangs)
+    if not (adapter_dir / "manifest.json").is_file():
+        raise RunError(f"the main process did not write {adapter_dir}")
     echo(f"adapter: {adapter_dir}")
-    return TrainResult(adapter_dir, checkpoints, False, step, manifest, trainer)
+    return TrainResult(adapter_dir, checkpoints, False, step, manifest, trainer, main)
+
+
+def _silent(_: str) -> None:
+    """The echo of the processes other than the main one."""

@@ -22,12 +22,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from gateway.client import AdapterClient, Client
 from gateway.contract import base_fingerprint, folder_digest
 from tests.support.cli import run_loraplex
-from trainer.config import load_config
+from tests.support.training import EXAMPLES, TrainableSnapshot, config_for
 from trainer.modeling import load_reward_model, reward_scores
 from trainer.rewards import RewardModelScore, mean_sampled_reward
 from trainer.run import RunError, TrainResult, run_training
 
-EXAMPLES = Path(__file__).parents[2] / "examples" / "colors"
 HELD_OUT = [json.loads(line) for line in (EXAMPLES / "colors_eval.jsonl").open()]
 HELD_OUT_PAIRS = [json.loads(line) for line in (EXAMPLES / "pairs_eval.jsonl").open()]
 # Bounds sit well inside what 10 seeds gave (benchmarks/learning_spread.py, benchmarks/README.md
@@ -45,26 +44,6 @@ MIN_CONTINUED_DPO_ACCURACY = 0.55
 RL_SAMPLES = 16
 MIN_RL_REWARD_GAIN = 0.1
 MAX_RL_KL = 1.5
-
-
-def config_for(method: str, yaml_name: str, base: Path, out: Path, *overrides: str):
-    return load_config(
-        method,
-        EXAMPLES / f"{yaml_name}.yaml",
-        [f"output_dir={out}", f"model.path={base}", *overrides],
-    )
-
-
-class TrainableSnapshot(TrainerCallback):
-    """Copies the trainable parameters when training starts (to check that they moved)."""
-
-    def __init__(self) -> None:
-        self.before: dict[str, torch.Tensor] = {}
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.before = {
-            n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
-        }
 
 
 def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 4) -> list[str]:

@@ -6,11 +6,13 @@ Environment variables are ``LORAPLEX_<FIELD>`` (e.g. ``LORAPLEX_PORT=50052``).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from gateway.capture import CaptureSettings
 from gateway.config_files import SettingsFileError, apply_overrides, read_mapping, validate
 
 ENV_PREFIX = "LORAPLEX_"
@@ -129,6 +131,26 @@ class GatewayConfig(BaseModel):
     tls_client_ca_file: Path | None = None
     """Mutual TLS: clients must present a certificate signed by this CA (PEM)."""
 
+    # -- traffic capture
+    capture_dir: Path | None = None
+    """Traffic capture: folder of rotating JSONL files (capture-*.jsonl) with a sample of served
+    requests and responses (docs/monitoring.md); unset: off. One folder per replica."""
+    capture_sample_rate: float = Field(default=1.0, ge=0, le=1)
+    """Traffic capture: fraction of requests captured, for references without their own rate."""
+    capture_rates: dict[str, float] = Field(default_factory=dict)
+    """Traffic capture: rate per reference as clients send it (`acme@candidate`), else per
+    adapter name (`acme`; `base` for no adapter), over capture_sample_rate."""
+    capture_redact: list[str] = Field(default_factory=list)
+    """Traffic capture: regular expressions whose matches in prompts and responses are written
+    as [REDACTED] (e.g. e-mail addresses, card numbers)."""
+    capture_hook: str | None = None
+    """Traffic capture: `module:function` given each record (a dict) before it is written; it
+    returns the record to write (changed or not) or None to drop it."""
+    capture_max_file_bytes: int = Field(default=64 << 20, ge=4096)
+    """Traffic capture: a file is rotated before it grows past this."""
+    capture_max_total_bytes: int = Field(default=1 << 30, ge=8192)
+    """Traffic capture: the folder's bound; the oldest files are deleted to stay within it."""
+
     # -- limits and admission
     max_prompt_tokens: int | None = Field(default=None, ge=1)
     """Longest prompt accepted, in tokens; default: the context length less one."""
@@ -164,6 +186,21 @@ class GatewayConfig(BaseModel):
     def tls(self) -> bool:
         return self.tls_cert_file is not None
 
+    @property
+    def capture(self) -> CaptureSettings | None:
+        """The traffic capture's settings; None when capture is off."""
+        if self.capture_dir is None:
+            return None
+        return CaptureSettings(
+            self.capture_dir,
+            self.capture_sample_rate,
+            dict(self.capture_rates),
+            tuple(self.capture_redact),
+            self.capture_hook,
+            self.capture_max_file_bytes,
+            self.capture_max_total_bytes,
+        )
+
     @model_validator(mode="after")
     def _check_cross_fields(self) -> GatewayConfig:
         if self.max_lora_rank not in MAX_LORA_RANKS:
@@ -180,6 +217,18 @@ class GatewayConfig(BaseModel):
             path = getattr(self, name)
             if path is not None and not path.is_file():
                 raise ValueError(f"{name} {path} is not a file")
+        if self.capture_max_total_bytes < 2 * self.capture_max_file_bytes:
+            raise ValueError("capture_max_total_bytes must be at least 2 x capture_max_file_bytes")
+        bad_rates = {k: v for k, v in self.capture_rates.items() if not 0 <= v <= 1}
+        if bad_rates:
+            raise ValueError(f"capture_rates must be within [0, 1]: {bad_rates}")
+        for pattern in self.capture_redact:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(
+                    f"capture_redact {pattern!r}: not a regular expression: {exc}"
+                ) from None
         if self.adapters_dir is not None and not self.adapters_dir.is_dir():
             raise ValueError(f"adapters_dir {self.adapters_dir} is not a directory")
         return self

@@ -13,6 +13,7 @@ import grpc
 
 from gateway.admission import Admission
 from gateway.auth import current_key, require_adapter, visible
+from gateway.capture import TrafficCapture
 from gateway.config import GatewayConfig
 from gateway.domain import (
     EngineRequest,
@@ -139,6 +140,19 @@ def delta_to_pb(
     )
 
 
+def _text(request: pb.GenerateRequest | pb.GenerateStreamRequest) -> str | None:
+    """The prompt as text, when the client sent text (not token ids)."""
+    return request.text if request.WhichOneof("prompt") == "text" else None
+
+
+def _add_delta(total: GenerationChunk, delta: GenerationChunk) -> None:
+    """What traffic capture keeps of a stream: text, token ids, finish reason, usage."""
+    total.text += delta.text
+    total.token_ids.extend(delta.token_ids)
+    total.finish_reason = delta.finish_reason or total.finish_reason
+    total.usage = delta.usage or total.usage
+
+
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     """Serves loraplex.v1.GenerationService once the engine is ready."""
 
@@ -147,9 +161,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         pipeline: Callable[[], GenerationPipeline | None],
         metrics: GatewayMetrics | None = None,
         admission: Admission | None = None,
+        capture: TrafficCapture | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._metrics = metrics
+        self._capture = capture
         self._admission = admission or Admission(
             GatewayConfig.model_fields["max_pending_requests"].default
         )
@@ -191,6 +207,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 with pipeline.running(prepared.adapter):
                     result = await pipeline.complete(prepared, used)
             record.chunk(result)
+        if self._capture is not None and self._capture.sampled(request.adapter, prepared):
+            self._capture.record(request.adapter, _text(request), prepared, result)
         return response_to_pb(prepared.request_id, result, prepared.adapter)
 
     @grpc_errors
@@ -202,6 +220,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             pipeline = self._ready()
             prepared = await self._prepare(pipeline, request)
             first = True
+            captured = (
+                GenerationChunk()
+                if self._capture is not None and self._capture.sampled(request.adapter, prepared)
+                else None
+            )
             with (
                 self._admission.admit(current_key.get(), prepared) as used,
                 pipeline.running(prepared.adapter),
@@ -211,10 +234,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     async for chunk in chunks:
                         record.chunk(chunk)
                         used(len(chunk.token_ids))
+                        if captured is not None:
+                            _add_delta(captured, chunk)
                         await context.write(
                             delta_to_pb(prepared.request_id, chunk, prepared.adapter, first)
                         )
                         first = False
+            if captured is not None and self._capture is not None:
+                self._capture.record(request.adapter, _text(request), prepared, captured)
 
     @grpc_errors
     async def Tokenize(

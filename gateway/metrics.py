@@ -188,6 +188,13 @@ class GatewayMetrics:
             ["fix"],
             registry=r,
         )
+        self.captured = Counter(
+            PREFIX + "capture_records",
+            "Traffic capture: sampled requests by outcome (written, dropped_full, dropped_by_hook, "
+            "dropped_hook_error, dropped_error).",
+            ["outcome"],
+            registry=r,
+        )
         self.serving = Gauge(
             PREFIX + "serving", "1 while the engine serves requests (health SERVING).", registry=r
         )
@@ -421,6 +428,10 @@ class GatewayMetrics:
     def started(self, engine: str, base_model: str, quantization: str) -> None:
         version = metadata.version("loraplex")
         self.build_info.labels(version, engine, base_model, quantization).set(1)
+
+    def capture_outcome(self, outcome: str) -> None:
+        """A sampled request written or dropped by traffic capture (its writer thread)."""
+        self.captured.labels(outcome).inc()
 
     def engine_fixes(self, applied: Iterable[str]) -> None:
         """Which of loraplex's vLLM fixes the engine reported (gateway/engine_fixes.py)."""

@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from gateway.adapter_service import AdapterServicer
 from gateway.admission import Admission
 from gateway.auth import AuthInterceptor
+from gateway.capture import TrafficCapture
 from gateway.config import ConfigError, GatewayConfig
 from gateway.domain import Engine
 from gateway.generation import GenerationServicer
@@ -151,8 +152,15 @@ class Gateway:
         admission = Admission(
             config.max_pending_requests, config.requests_per_minute, config.tokens_per_minute
         )
+        settings = config.capture
+        self.capture = (
+            TrafficCapture(settings, self.metrics.capture_outcome if self.metrics else None)
+            if settings is not None
+            else None
+        )
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
-            GenerationServicer(lambda: self.pipeline, self.metrics, admission), self.server
+            GenerationServicer(lambda: self.pipeline, self.metrics, admission, self.capture),
+            self.server,
         )
         services = [GENERATION_SERVICE]
         if admin_api_allowed(config):
@@ -317,6 +325,8 @@ class Gateway:
             task.cancel()
         self.pipeline = None
         await engine.shutdown()
+        if self.capture is not None:
+            await asyncio.to_thread(self.capture.close)
         if self.registry is not None:
             self.registry.close()
         if self.keys is not None:

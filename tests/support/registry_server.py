@@ -14,6 +14,7 @@ import pytest
 from gateway.adapter_service import AdapterServicer
 from gateway.admission import Admission
 from gateway.auth import AuthInterceptor
+from gateway.capture import TrafficCapture
 from gateway.generation import GenerationServicer
 from gateway.key_service import KeyServicer
 from gateway.keys import KeyRing
@@ -56,11 +57,13 @@ async def start_registry_server(
     admission: Admission | None = None,
     metrics: GatewayMetrics | None = None,
     max_uploads: int = 2,
+    capture: TrafficCapture | None = None,
 ) -> RegistryServer:
     """Serve AdapterService + GenerationService on a free loopback port.
 
     With `keys`: API keys required (the gateway's interceptor) and KeyService served; with
-    `credentials`: TLS; with `metrics`: the registry's lifecycle metrics counted there.
+    `credentials`: TLS; with `metrics`: the registry's lifecycle metrics counted there; with
+    `capture`: traffic capture on.
     """
     registry = Registry.open(
         url or f"sqlite:///{data_dir / 'registry.db'}",
@@ -75,7 +78,7 @@ async def start_registry_server(
     pipeline = GenerationPipeline(engine, registry.view)
     server = grpc.aio.server(interceptors=[AuthInterceptor(keys)] if keys is not None else None)
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(
-        GenerationServicer(lambda: pipeline, admission=admission), server
+        GenerationServicer(lambda: pipeline, admission=admission, capture=capture), server
     )
     adapters_pb2_grpc.add_AdapterServiceServicer_to_server(
         AdapterServicer(lambda: registry, lambda: pipeline, metrics), server

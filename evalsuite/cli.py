@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
 import typer
 
@@ -144,7 +144,13 @@ def _print_summary(label: str, summary: dict) -> None:
 @eval_app.command()
 def compare(
     candidate: Annotated[str, typer.Option(help="Candidate reference (NAME@ALIAS, NAME@vN).")],
-    prompts: Annotated[Path, typer.Option(help="JSONL prompts (prompt, id, reference).")],
+    prompts: Annotated[
+        Path,
+        typer.Option(
+            help="JSONL prompts (prompt, id, reference), or captured traffic: a capture-*.jsonl "
+            "file or a folder of them."
+        ),
+    ],
     baseline: Annotated[
         str,
         typer.Option(help="Baseline: production (the candidate's), base, or any reference."),
@@ -163,6 +169,10 @@ def compare(
         Path | None, typer.Option(help="Also export the pairs, blinded, for human raters.")
     ] = None,
     key: Annotated[Path | None, typer.Option(help="Where the human export's key goes.")] = None,
+    captured_adapter: Annotated[
+        str | None,
+        typer.Option(help="Captured traffic: only requests served by this adapter ('' = base)."),
+    ] = None,
 ) -> None:
     """Candidate vs baseline on a prompt set, both answered through the gateway, judged pairwise."""
     import asyncio
@@ -170,7 +180,7 @@ def compare(
     import grpc
 
     from evalsuite.compare import compare as run_compare
-    from evalsuite.compare import load_prompts
+    from evalsuite.compare import load_prompt_source
     from evalsuite.human import export_for_rating
     from evalsuite.judges import make_judge
 
@@ -182,10 +192,14 @@ def compare(
         baseline = f"{candidate.partition('@')[0]}@{PRODUCTION}"
     elif baseline == "base":
         baseline = ""
+    started = _now()
     try:
+        source = load_prompt_source(prompts, captured_adapter=captured_adapter)
+        if source.captured:
+            typer.echo(f"prompts: {source.describe()}")
         result = asyncio.run(
             run_compare(
-                target, candidate, baseline, load_prompts(prompts),
+                target, candidate, baseline, source.items,
                 make_judge(judge, gateway=target, deadline=timeout, **options), sampling_options,
                 timeout=timeout,
             )
@@ -196,7 +210,7 @@ def compare(
         fail(describe_failure(exc, target), EXIT_ERROR)
     _print_summary(f"{result.candidate_version} vs {result.baseline_version} ({judge})",
                    result.summary.to_dict())  # fmt: skip
-    _write_json(out, result.to_dict())
+    _write_json(out, {**result.to_dict(), "time": started})
     if export_human is not None and key is not None:
         exported = export_for_rating(result.pairs, export_human, key)
         typer.echo(f"for raters: {exported.csv} / {exported.jsonl}; key (keep): {exported.key}")
@@ -248,6 +262,8 @@ def rank(
     options = _options(judge_option, "--judge-option")
     sampling_options = DEFAULT_SAMPLING | _options(sampling, "--sampling")
     games: list[tuple[str, str, float]] = []
+    comparisons: list[dict] = []
+    started = _now()
     try:
         items = load_prompts(prompts)
         for a, b in combinations(dict.fromkeys(systems), 2):
@@ -263,6 +279,7 @@ def rank(
                 )
             )
             games += [(a or "base", b or "base", o) for o in result.outcomes]
+            comparisons.append(result.to_dict())
             _print_summary(f"{a or 'base'} vs {b or 'base'}", result.summary.to_dict())
         ratings = bradley_terry(games)
     except EvalError as exc:
@@ -271,4 +288,67 @@ def rank(
         fail(describe_failure(exc, target), EXIT_ERROR)
     for r in ratings:
         typer.echo(f"{r.system:30s} {r.rating:7.1f}  [{r.ci_low:7.1f}, {r.ci_high:7.1f}]")
-    _write_json(out, {"judge": judge, "ratings": [r.to_dict() for r in ratings]})
+    _write_json(
+        out,
+        {
+            "judge": judge,
+            "judge_config": comparisons[0]["judge_config"] if comparisons else {},
+            "time": started,
+            "ratings": [r.to_dict() for r in ratings],
+            "comparisons": comparisons,  # the judged texts, for `eval pairs`
+        },
+    )
+
+
+@eval_app.command()
+def pairs(
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Votes files (CSV/JSONL, with --key), compare results or gate report.json "
+            "files, rank results."
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Pairs JSONL to write (provenance: OUT.provenance.jsonl).")
+    ],
+    kind: Annotated[
+        str | None, typer.Option(help="votes, compare or rank, for every input (default: detect).")
+    ] = None,
+    key: Annotated[Path | None, typer.Option(help="The human export's key (votes).")] = None,
+    export: Annotated[
+        list[Path] | None,
+        typer.Option(help="The export's pairs.jsonl: exact texts (default: the votes files')."),
+    ] = None,
+    ties: Annotated[
+        str, typer.Option(help="drop, or keep (written in both orders: pulls the two together).")
+    ] = "drop",
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT and its sidecar.")] = False,
+) -> None:
+    """Preference evidence (human votes, compare, rank) -> prompt/chosen/rejected JSONL that
+    `train dpo` and `train reward` read as is, with a line-aligned provenance sidecar."""
+    from evalsuite.pairs import KINDS, Kind, Ties, build_pairs, write_pairs
+
+    if kind is not None and kind not in KINDS:
+        fail(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}", EXIT_ERROR)
+    if ties not in ("drop", "keep"):
+        fail(f"--ties must be drop or keep, got {ties!r}", EXIT_ERROR)
+    try:
+        result = build_pairs(inputs, kind=cast("Kind | None", kind), key=key,
+                             export=export or [], ties=cast("Ties", ties))  # fmt: skip
+        for label, counts in result.counts.items():
+            typer.echo(f"{counts.kind} {label}: {counts.describe()}")
+        written, sidecar = write_pairs(result, out, force=force)
+    except EvalError as exc:
+        fail(str(exc), EXIT_ERROR)
+    ties_note = sum(c.ties_kept for c in result.counts.values())
+    typer.echo(
+        f"written: {written} ({len(result.rows)} pairs"
+        + (f", {ties_note} ties in both orders" if ties_note else "")
+        + f"); provenance: {sidecar}"
+    )
+
+
+def _now() -> str:
+    """When an evaluation started (ISO 8601, UTC): recorded in its results for provenance."""
+    return datetime.now(UTC).isoformat(timespec="seconds")

@@ -56,14 +56,155 @@ class Pair:
     baseline_version: str = ""
 
 
-def load_prompts(path: str | Path) -> list[PromptItem]:
-    """A prompt set from JSONL (`prompt` required; optional `id`, default the line number, and
-    `reference`); every bad line is reported at once as file:line."""
+CAPTURE_FORMAT = "loraplex-capture/1"
+CAPTURE_GLOB = "capture-*.jsonl"
+
+
+@dataclass
+class PromptSource:
+    """A loaded prompt set and, for captured traffic, what was left out of it and why."""
+
+    items: list[PromptItem]
+    captured: bool = False
+    files: int = 1
+    records: int = 0  # capture records read
+    token_ids_only: int = 0  # no text prompt (the request sent token ids): not replayable here
+    duplicates: int = 0  # same prompt text as an earlier record (the first is kept)
+    other_adapters: int = 0  # filtered out by `captured_adapter`
+
+    def describe(self) -> str:
+        """One line for the console: where the prompts came from and what was skipped."""
+        if not self.captured:
+            return f"{len(self.items)} prompts"
+        skipped = {
+            "token ids only": self.token_ids_only,
+            "duplicate prompts": self.duplicates,
+            "other adapters": self.other_adapters,
+        }
+        notes = ", ".join(f"{n} {what}" for what, n in skipped.items() if n)
+        return (
+            f"{len(self.items)} prompts from {self.records} captured requests in {self.files} "
+            f"file(s)" + (f"; skipped {notes}" if notes else "")
+        )
+
+
+def load_prompts(path: str | Path, *, captured_adapter: str | None = None) -> list[PromptItem]:
+    """A prompt set: JSONL (`prompt` required; optional `id`, default the line number, and
+    `reference`), or captured gateway traffic (a capture file, or a folder of capture-*.jsonl):
+    see `load_prompt_source`. Every bad line is reported at once as file:line."""
+    return load_prompt_source(path, captured_adapter=captured_adapter).items
+
+
+def load_prompt_source(path: str | Path, *, captured_adapter: str | None = None) -> PromptSource:
+    """`load_prompts` with the counts of what captured traffic left out. A folder, or a file
+    whose first record has the capture `format` key, is read as captured traffic, which has no
+    references (reference judges cannot use it); `captured_adapter` keeps only the requests
+    served by that adapter ("" for the base model)."""
     path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob(CAPTURE_GLOB))
+        if not files:
+            raise EvalInputError(f"{path}: a folder of prompts must hold {CAPTURE_GLOB} files")
+        return _load_capture(files, captured_adapter)
+    lines = _read_lines(path)
+    first = next((line for line in lines if line.strip()), "")
+    if _capture_format(first) is not None:
+        return _load_capture([path], captured_adapter, {path: lines})
+    if captured_adapter is not None:
+        raise EvalInputError(f"{path}: not captured traffic, so an adapter filter does not apply")
+    return PromptSource(_load_prompt_set(path, lines))
+
+
+def _read_lines(path: Path) -> list[str]:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        return path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise EvalInputError(f"{path}: cannot read the prompt set: {e}") from None
+
+
+def _capture_format(line: str) -> Any:
+    """The line's `format` (a capture record's marker), None if it has none or is not JSON."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row.get("format") if isinstance(row, dict) else None
+
+
+def _load_capture(
+    files: list[Path], adapter: str | None, read: dict[Path, list[str]] | None = None
+) -> PromptSource:
+    """Captured requests with a text prompt become prompts (id: the request id; source:
+    file:line), first occurrence of a text wins, in file-name then line order."""
+    source = PromptSource([], captured=True, files=len(files))
+    problems: list[str] = []
+    texts: set[str] = set()
+    ids: dict[str, str] = {}
+    for path in files:
+        lines = (read or {}).get(path) or _read_lines(path)
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = _capture_record(line, where)
+            except EvalInputError as e:
+                problems.append(str(e))
+                continue
+            source.records += 1
+            if adapter is not None and record["adapter"] != adapter:
+                source.other_adapters += 1
+                continue
+            prompt = record["prompt"]
+            if prompt is None or not prompt.strip():
+                source.token_ids_only += 1
+                continue
+            if prompt in texts:
+                source.duplicates += 1
+                continue
+            if record["id"] in ids:
+                problems.append(f"{where}: duplicate request id {record['id']!r} (first at "
+                                f"{ids[record['id']]})")  # fmt: skip
+                continue
+            texts.add(prompt)
+            ids[record["id"]] = where
+            source.items.append(PromptItem(id=record["id"], prompt=prompt, source=where))
+    if problems:
+        raise EvalInputError("\n".join(problems))
+    if not source.items:
+        shown = files[0] if len(files) == 1 else f"{files[0].parent} ({len(files)} files)"
+        raise EvalInputError(
+            f"{shown}: no captured request with a text prompt ({source.describe()})"
+        )
+    return source
+
+
+def _capture_record(line: str, where: str) -> dict[str, Any]:
+    """One capture line, checked: a prompt-set line (no `format`) here is a mixed file."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise EvalInputError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise EvalInputError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "format" not in row:
+        raise EvalInputError(
+            f"{where}: a prompt-set line among capture records: a file holds captured traffic "
+            "or a prompt set, not both"
+        )
+    if row["format"] != CAPTURE_FORMAT:
+        raise EvalInputError(f"{where}: unknown format {row['format']!r} (want {CAPTURE_FORMAT})")
+    id_, prompt, adapter = row.get("id"), row.get("prompt"), row.get("adapter", "")
+    if not isinstance(id_, str) or not id_:
+        raise EvalInputError(f"{where}: 'id' must be a non-empty string")
+    if prompt is not None and not isinstance(prompt, str):
+        raise EvalInputError(f"{where}: 'prompt' must be a string or null")
+    if not isinstance(adapter, str):
+        raise EvalInputError(f"{where}: 'adapter' must be a string")
+    return {"id": id_, "prompt": prompt, "adapter": adapter}
+
+
+def _load_prompt_set(path: Path, lines: list[str]) -> list[PromptItem]:
     items: list[PromptItem] = []
     problems: list[str] = []
     first_seen: dict[str, int] = {}
@@ -71,6 +212,12 @@ def load_prompts(path: str | Path) -> list[PromptItem]:
         if not line.strip():
             continue
         where = f"{path}:{number}"
+        if _capture_format(line) is not None:
+            problems.append(
+                f"{where}: a capture record in a prompt set: a file holds captured traffic or "
+                "a prompt set, not both"
+            )
+            continue
         try:
             item = _prompt_item(line, default_id=str(number), where=where)
         except EvalInputError as e:

@@ -20,6 +20,7 @@ import json
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,6 +95,7 @@ def export_for_rating(
         "format": KEY_FORMAT,
         "export": export_id,
         "seed": seed,
+        "exported": datetime.now(UTC).isoformat(timespec="seconds"),
         "candidate_versions": sorted({p.candidate_version for p in pairs}),
         "baseline_versions": sorted({p.baseline_version for p in pairs}),
         "candidate_side": sides,
@@ -107,6 +109,21 @@ def _csv_text(value: str) -> str:
     """Model output opened in a spreadsheet must not run as a formula (CSV injection): a leading
     apostrophe makes it text. The JSONL export carries the text untouched."""
     return "'" + value if value.startswith(_FORMULA_START) else value
+
+
+def _csv_untext(value: str) -> str:
+    """`_csv_text` undone. A text that itself began with an apostrophe and a formula character
+    reads back without the apostrophe: only the JSONL export is exact (see `export_id_of`)."""
+    return value[1:] if value.startswith("'") and value[1:].startswith(_FORMULA_START) else value
+
+
+def export_id_of(key: dict[str, Any], texts: dict[str, tuple[str, str]]) -> str:
+    """The export id that `export_for_rating` derives from the key's seed and every pair's
+    (candidate, baseline) texts, in the key's order: equal to the key's `export` exactly when the
+    texts are the ones the raters were shown."""
+    ordered = [[id_, *texts[id_]] for id_ in key["candidate_side"]]
+    digest = hashlib.sha256(json.dumps([key.get("seed", 0), ordered]).encode()).hexdigest()
+    return "x-" + digest[:12]
 
 
 @dataclass(frozen=True)
@@ -175,6 +192,51 @@ def load_votes(path: str | Path) -> list[Vote]:
     if problems:
         raise EvalInputError("\n".join(problems))
     return votes
+
+
+@dataclass(frozen=True)
+class RatedPair:
+    """One exported pair as the raters saw it (blinded), and where it was read ("file:line")."""
+
+    id: str
+    export: str
+    prompt: str
+    answer_a: str
+    answer_b: str
+    source: str
+
+
+def load_rated_pairs(path: str | Path) -> list[RatedPair]:
+    """The prompt and both answers of each pair in an export's pairs.jsonl / pairs.csv, or in a
+    votes file that kept those columns (the export filled in): the texts the key does not hold.
+    CSV cells are un-defused (`_csv_untext`). Every bad line is reported at once, as file:line."""
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        rows = _csv_rows(path)
+    elif path.suffix.lower() in (".jsonl", ".json"):
+        rows = _jsonl_rows(path)
+    else:
+        raise EvalInputError(f"{path}: an export must be a .csv or .jsonl file")
+    pairs, problems = [], []
+    for where, row in rows:
+        if isinstance(row, str):
+            problems.append(f"{where}: {row}")
+            continue
+        missing = [c for c in ("id", "prompt", "answer_a", "answer_b") if row.get(c) is None]
+        if missing:
+            problems.append(f"{where}: missing {missing}: the texts of the pair are not here")
+            continue
+        texts = [row[c] for c in ("prompt", "answer_a", "answer_b")]
+        if not all(isinstance(t, str) for t in texts):
+            problems.append(f"{where}: prompt, answer_a and answer_b must be strings")
+            continue
+        if path.suffix.lower() == ".csv":
+            texts = [_csv_untext(t) for t in texts]
+        export = str(row.get("export") or "").strip()
+        pairs.append(RatedPair(str(row["id"]).strip(), export, *texts, source=where))
+    if problems:
+        raise EvalInputError("\n".join(problems))
+    return pairs
 
 
 def _read(path: Path) -> str:

@@ -24,7 +24,7 @@ from evalsuite.benchmarks import run_benchmarks
 from evalsuite.decisions import Check, decide, policy_checks
 from evalsuite.errors import EvalInputError, describe_failure
 from evalsuite.gate_report import GateReport, Promotion
-from evalsuite.lineage import check_judge_independence
+from evalsuite.lineage import check_judge_independence, lineage
 from evalsuite.pinning import GatePins, Pin, Pinner
 from evalsuite.policy import GatePolicy
 from gateway.client import AdapterClient
@@ -129,7 +129,9 @@ def run_gate(
         report.adapter, report.candidate = candidate.name, candidate.to_dict()
         pins = pinner.gate(candidate, policy)
         report.pin(pins.to_report())
-        checks = _evaluate(target, pins, policy, report, pinner.manifest(candidate))
+        manifest = pinner.manifest(candidate)
+        report.lineage = lineage(manifest)
+        checks = _evaluate(target, pins, policy, report, manifest)
         report.checks = [asdict(c) for c in checks]
         report.verdict, result.failed_checks = decide(checks)
     except Exception as exc:  # every failure is verdict "error": never a pass

@@ -53,6 +53,7 @@ class GateReport:
     checks: list[dict[str, Any]] = field(default_factory=list)
     finished: str | None = None
     wall_seconds: float | None = None
+    lineage: list[str] = field(default_factory=list)  # how the candidate was made (manifest)
     recorded: bool | None = None  # None: no version to record the verdict on
     record_error: str | None = None
 
@@ -91,6 +92,7 @@ class GateReport:
             "promotion": self.promotion.to_dict(),
         }
         optional = {
+            "lineage": self.lineage or None,  # only for adapters with a trainer manifest
             "finished": self.finished,
             "wall_seconds": self.wall_seconds,
             "recorded": self.recorded,

@@ -22,6 +22,24 @@ def training_rewards(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return [r for r in rewards or [] if isinstance(r, dict)]
 
 
+def lineage(manifest: dict[str, Any]) -> list[str]:
+    """How the candidate was made, first step first, for the report: the adapter it started
+    from, the reward models it was trained against, and its own training run."""
+    steps = []
+    if manifest.get("init_from"):
+        steps.append(f"started from the adapter {manifest['init_from']}")
+    for reward in training_rewards(manifest):
+        source = reward.get("reward_model") or reward.get("classifier") or reward.get("function")
+        digest = f" (sha256 {str(reward['sha256'])[:12]})" if reward.get("sha256") else ""
+        steps.append(f"reward: {source}{digest}, weight {reward.get('weight', 1)}")
+    method = manifest.get("method")
+    if method:
+        rl = manifest.get("rl") if isinstance(manifest.get("rl"), dict) else {}
+        detail = f" ({rl.get('algorithm')}, KL beta {rl.get('beta')})" if rl else ""
+        steps.append(f"trained: {method}{detail}, {manifest.get('steps', '?')} steps")
+    return steps
+
+
 def shared_reward_models(
     judge_digests: Iterable[str], manifest: dict[str, Any]
 ) -> list[dict[str, Any]]:

@@ -176,7 +176,7 @@ def load_policy(path: Path, overrides: list[str] | None = None) -> GatePolicy:
         raise EvalInputError(str(exc)) from None
     policy = parse_policy(data, Path(path).resolve().parent)
     missing = [p for p in policy.include_paths if not p.is_dir()]
-    if policy.preference is not None and not policy.preference.prompts.is_file():
+    if policy.preference is not None and not policy.preference.prompts.exists():  # or captures
         missing.append(policy.preference.prompts)
     if missing:
         raise EvalInputError(f"{path}: not found: {', '.join(map(str, missing))}")

@@ -194,6 +194,9 @@ def _header(report: dict) -> str:
     ]
     if timing:
         parts.append(f'<p class="meta">{" · ".join(timing)}</p>')
+    steps = [str(step) for step in _list(report.get("lineage"))]
+    if steps:
+        parts.append(f'<p class="meta" id="lineage">lineage: {_esc(" → ".join(steps))}</p>')
     parts.append(
         f'</div><div class="badge badge-{kind}" id="verdict">{_esc(verdict.upper())}</div></header>'
     )

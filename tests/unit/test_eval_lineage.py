@@ -12,7 +12,7 @@ from evalsuite.decisions import decide, policy_checks
 from evalsuite.errors import EvalInputError
 from evalsuite.gate import run_gate
 from evalsuite.judges.reward import RewardModelJudge
-from evalsuite.lineage import check_judge_independence
+from evalsuite.lineage import check_judge_independence, lineage
 from evalsuite.policy import parse_policy
 from gateway.client import AdapterClient
 from gateway.contract import folder_digest
@@ -122,3 +122,15 @@ async def test_the_gate_refuses_the_training_reward_model_as_judge_before_runnin
     assert folder_digest(reward)[:12] in result.report.error  # named by the manifest's record
     assert len(server.engine.seen) == before  # refused before a single generation
     assert RewardModelJudge(reward).model_digests() == [folder_digest(reward)]
+
+
+def test_the_lineage_reads_sft_then_reward_model_then_rl():
+    manifest = {**_manifest("abcdef0123456789"), "init_from": "/runs/sft/adapter", "steps": 60}
+    manifest["rl"]["beta"] = 0.04
+    assert lineage(manifest) == [
+        "started from the adapter /runs/sft/adapter",
+        "reward: /runs/rm0/adapter (sha256 abcdef012345), weight 1.0",
+        "trained: rl (grpo, KL beta 0.04), 60 steps",
+    ]
+    assert lineage({"method": "sft", "steps": 10}) == ["trained: sft, 10 steps"]
+    assert lineage({}) == []  # an adapter registered without a trainer manifest

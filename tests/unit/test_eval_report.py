@@ -324,3 +324,11 @@ def test_response_statistics_and_a_judge_that_is_not_independent_are_shown() -> 
     assert "not independent: judge &#x27;reward_model&#x27; &lt;b&gt;shares" in page
     report["preference"]["judge_independence"] = "independent"
     assert "not independent" not in render_html(report)
+
+
+def test_the_candidates_lineage_is_shown_in_order() -> None:
+    report = _full_report()
+    report["lineage"] = ["started from the adapter sft/", "reward: rm/ <x>", "trained: rl"]
+    assert "lineage: started from the adapter sft/ → reward: rm/ &lt;x&gt; → trained: rl" in (
+        render_html(report)
+    )

@@ -86,6 +86,20 @@ class DatasetFile(_Section):
     """Relative sampling weight when several files are mixed."""
 
 
+class ContaminationSettings(_Section):
+    """Training data checked against evaluation texts before training (trainer.contamination)."""
+
+    against: list[Path] = Field(min_length=1)
+    """Prompt sets (.jsonl with `prompt`, as the gate's `prompts:`) and lm-eval task YAMLs or
+    folders of them (documents from local files only)."""
+    ngram: int = Field(8, gt=0)
+    """Words per n-gram; an eval text shorter than this is matched as one whole word run."""
+    threshold: float = Field(0.5, gt=0.0, le=1.0)
+    """Share of an eval text's n-grams found in one training example that makes it contaminated."""
+    fatal: bool = False
+    """Stop before training (exit code 2) when any training example is contaminated."""
+
+
 class DataSettings(_Section):
     """Where the examples come from and how they are prepared."""
 
@@ -103,6 +117,8 @@ class DataSettings(_Section):
     """Remove exact duplicates (same record) across the training files; the count is reported."""
     mix_stopping_strategy: Literal["all_exhausted", "first_exhausted"] = "all_exhausted"
     """When interleaving stops (datasets.interleave_datasets): after every file or the first."""
+    contamination: ContaminationSettings | None = None
+    """Check the training files against eval prompt sets / tasks; None skips the check."""
 
     @model_validator(mode="after")
     def _one_eval_source(self) -> DataSettings:
@@ -150,6 +166,53 @@ class TrainingSettings(_Section):
     """Keep at most this many checkpoints."""
     seed: int = 42
     """Seed for initialization, data order and dropout: same seed, same adapter."""
+    early_stopping_patience: int | None = Field(None, gt=0)
+    """Stop after this many evaluations without improvement of best_metric; None never stops."""
+    early_stopping_threshold: float = Field(0.0, ge=0)
+    """How much best_metric must improve for an evaluation to count as an improvement."""
+    load_best_at_end: bool = False
+    """Save the best evaluated checkpoint's adapter, not the last step's."""
+    best_metric: str | None = None
+    """Metric that picks the best checkpoint (eval_ prefix optional); default eval_loss."""
+    greater_is_better: bool | None = None
+    """Direction of best_metric; default: lower is better for names ending in "loss"."""
+
+    @property
+    def tracks_best(self) -> bool:
+        """Whether checkpoints are compared on best_metric (early stopping or load_best_at_end)."""
+        return self.early_stopping_patience is not None or self.load_best_at_end
+
+    @property
+    def best_metric_name(self) -> str:
+        """best_metric as transformers reports it (with the eval_ prefix)."""
+        name = self.best_metric or "eval_loss"
+        return name if name.startswith("eval_") else f"eval_{name}"
+
+    @model_validator(mode="after")
+    def _best_needs_steps(self) -> TrainingSettings:
+        if not self.tracks_best:
+            unused = [
+                k for k in ("best_metric", "greater_is_better") if getattr(self, k) is not None
+            ]
+            unused += ["early_stopping_threshold"] * (self.early_stopping_threshold > 0)
+            if unused:
+                raise ValueError(
+                    f"{', '.join(unused)}: only used with early_stopping_patience or "
+                    "load_best_at_end"
+                )
+            return self
+        if self.eval_steps is None:
+            raise ValueError(
+                "early_stopping_patience / load_best_at_end need eval_steps: the best checkpoint "
+                "is chosen among the evaluations made during training"
+            )
+        if self.save_steps != self.eval_steps:
+            raise ValueError(
+                f"early_stopping_patience / load_best_at_end need save_steps ({self.save_steps}) "
+                f"equal to eval_steps ({self.eval_steps}): every evaluated step must have a "
+                "checkpoint to return to"
+            )
+        return self
 
 
 class SftSettings(_Section):
@@ -237,6 +300,19 @@ class RunConfig(_Section):
     method: ClassVar[Method]
     """The command that trains with this config (not a YAML key)."""
 
+    @model_validator(mode="after")
+    def _best_needs_eval_data(self) -> RunConfig:
+        if (
+            self.training.tracks_best
+            and self.data.eval_file is None
+            and not self.data.eval_fraction
+        ):
+            raise ValueError(
+                "training.early_stopping_patience / load_best_at_end need evaluation data: "
+                "set data.eval_file or data.eval_fraction"
+            )
+        return self
+
 
 class SftRunConfig(RunConfig):
     """`loraplex train sft`."""
@@ -312,6 +388,12 @@ def _resolve_paths(config: RunConfig, base_dir: Path) -> RunConfig:
             "eval_file": resolve(config.data.eval_file),
         }
     )
+    if config.data.contamination is not None:
+        check = config.data.contamination
+        against = [(base_dir / p).resolve() for p in check.against]
+        data = data.model_copy(
+            update={"contamination": check.model_copy(update={"against": against})}
+        )
     update: dict[str, Any] = {
         "output_dir": resolve(config.output_dir),
         "model": config.model.model_copy(update={"path": resolve(config.model.path)}),

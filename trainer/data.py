@@ -22,19 +22,47 @@ PROMPT_COMPLETION = "prompt/completion"
 MESSAGES = "messages"
 PREFERENCE = "preference"
 PROMPT_ONLY = "prompt-only"
+ALPACA = "alpaca"
+SHAREGPT = "sharegpt"
+TEXT = "text"
 FORMAT_KEYS: dict[str, tuple[str, ...]] = {
     PROMPT_COMPLETION: ("prompt", "completion"),
     MESSAGES: ("messages",),
     PREFERENCE: ("prompt", "chosen", "rejected"),
     PROMPT_ONLY: ("prompt",),
+    ALPACA: ("instruction", "input", "output"),
+    SHAREGPT: ("conversations", "id"),
+    TEXT: ("text",),
 }
+OPTIONAL_KEYS: dict[str, tuple[str, ...]] = {ALPACA: ("input",), SHAREGPT: ("id",)}
+CONVERTED: dict[str, str] = {ALPACA: PROMPT_COMPLETION, SHAREGPT: MESSAGES}
+"""Formats users bring that are turned into one of trl's before training (TEXT is trl's own
+language-modeling format)."""
 METHOD_FORMATS: dict[str, tuple[str, ...]] = {
-    "sft": (PROMPT_COMPLETION, MESSAGES),
+    "sft": (PROMPT_COMPLETION, MESSAGES, ALPACA, SHAREGPT, TEXT),
     "dpo": (PREFERENCE,),
     "reward": (PREFERENCE,),
     "rl": (PROMPT_ONLY,),
 }
 ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+# Stanford Alpaca's prompt templates (train.py), with a newline after "### Response:" so the
+# completion starts on its own line.
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
 MAX_SHOWN_PROBLEMS = 200
 
 
@@ -71,7 +99,7 @@ class FileReport:
     path: str
     sha256: str
     role: str  # "train" or "eval"
-    format: str
+    format: str  # as the file holds it (alpaca, sharegpt, ... or one of trl's)
     weight: float | None
     examples: int  # valid records read
     duplicates_removed: int = 0
@@ -91,6 +119,7 @@ class DataReport:
     train_examples: int = 0  # after mixing (interleaving may repeat examples)
     eval_examples: int = 0
     mix: dict[str, int] = field(default_factory=dict)  # source file -> examples in the mix
+    contamination: dict[str, Any] | None = None  # trainer.contamination's report, when checked
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form for the manifest."""
@@ -100,7 +129,8 @@ class DataReport:
         """Human-readable lines for the console."""
         lines = []
         for f in self.files:
-            notes = [f"{f.examples} examples ({f.format})"]
+            shown = f"{f.format} as {CONVERTED[f.format]}" if f.format in CONVERTED else f.format
+            notes = [f"{f.examples} examples ({shown})"]
             if f.duplicates_removed:
                 notes.append(f"{f.duplicates_removed} duplicates removed")
             if f.over_length:
@@ -110,6 +140,12 @@ class DataReport:
                 notes.append(f"{f.held_out} held out for evaluation")
             lines.append(f"{f.role} {f.path}: {', '.join(notes)}; {f.used} used")
         lines.append(f"train mix: {self.train_examples} examples; eval: {self.eval_examples}")
+        if self.contamination is not None:
+            c = self.contamination
+            lines.append(
+                f"contamination: {c['contaminated']} of {c['checked']} training examples match "
+                f"{c['eval_texts']} eval texts ({c['exact']} exact, {c['near']} near)"
+            )
         return lines
 
 
@@ -190,13 +226,24 @@ def detect_format(record: Any) -> str | None:
         return None
     if "messages" in record:
         return MESSAGES
+    if "conversations" in record:
+        return SHAREGPT
     if "chosen" in record or "rejected" in record:
         return PREFERENCE
     if "completion" in record:
         return PROMPT_COMPLETION
     if "prompt" in record:
         return PROMPT_ONLY
+    if "instruction" in record or "output" in record:
+        return ALPACA
+    if "text" in record:
+        return TEXT
     return None
+
+
+def trl_format(fmt: str) -> str:
+    """The trl format a file's records are given to trl in (alpaca: prompt/completion, ...)."""
+    return CONVERTED.get(fmt, fmt)
 
 
 def _check_text(value: Any, key: str) -> list[str]:
@@ -240,7 +287,8 @@ def _check_record(record: Any, fmt: str) -> list[str]:
     if not isinstance(record, dict):
         return [f"expected a JSON object, got {type(record).__name__}"]
     expected = FORMAT_KEYS[fmt]
-    errors = [f"missing key {k!r}" for k in expected if k not in record]
+    optional = OPTIONAL_KEYS.get(fmt, ())
+    errors = [f"missing key {k!r}" for k in expected if k not in record and k not in optional]
     errors += [
         f"unexpected key {k!r} (expected: {', '.join(expected)})"
         for k in record
@@ -256,6 +304,22 @@ def _check_record(record: Any, fmt: str) -> list[str]:
                 errors.append("'prompt' ends with an assistant turn; the policy writes that")
         elif "prompt" in present:
             errors += _check_text(prompt, "prompt")
+    elif fmt == ALPACA:
+        for key in ("instruction", "output"):
+            if key in present:
+                errors += _check_text(present[key], key)
+        if "input" in present and not isinstance(present["input"], str):
+            errors.append(f"'input' must be a string, got {type(present['input']).__name__}")
+    elif fmt == SHAREGPT:
+        if "conversations" in present:
+            errors += _check_sharegpt(present["conversations"])
+        if "id" in present and not isinstance(present["id"], str | int):
+            errors.append(
+                f"'id' must be a string or an integer, got {type(present['id']).__name__}"
+            )
+    elif fmt == TEXT:
+        if "text" in present:
+            errors += _check_text(present["text"], "text")
     elif fmt == MESSAGES:
         if "messages" in present:
             errors += _check_messages(present["messages"], "messages", need_assistant=True)
@@ -284,6 +348,53 @@ def _check_record(record: Any, fmt: str) -> list[str]:
     return errors
 
 
+def _check_sharegpt(value: Any) -> list[str]:
+    """ShareGPT turns: {from, value}; roles as SHAREGPT_ROLES; the last turn is the model's."""
+    if not isinstance(value, list):
+        return [f"'conversations' must be a list of turns, got {type(value).__name__}"]
+    if not value:
+        return ["'conversations' is empty"]
+    errors = []
+    for i, turn in enumerate(value):
+        where = f"conversations[{i}]"
+        if not isinstance(turn, dict):
+            errors.append(f"{where} must be an object with from and value")
+            continue
+        errors += [f"{where}: missing key {k!r}" for k in ("from", "value") if k not in turn]
+        extra = sorted(set(turn) - {"from", "value"})
+        errors += [f"{where}: unexpected key {k!r} (expected from, value)" for k in extra]
+        if "from" in turn and turn["from"] not in SHAREGPT_ROLES:
+            errors.append(
+                f"{where}: unknown role {turn['from']!r} (from must be one of "
+                f"{', '.join(SHAREGPT_ROLES)})"
+            )
+        if "value" in turn:
+            errors += [f"{where}: {e}" for e in _check_text(turn["value"], "value")]
+    last = value[-1]
+    if isinstance(last, dict) and SHAREGPT_ROLES.get(last.get("from")) != "assistant":
+        errors.append("'conversations' must end with an assistant (gpt) turn to learn from")
+    return errors
+
+
+def convert_record(record: dict, fmt: str) -> dict:
+    """A valid record of a user format in the trl format it trains as (others unchanged).
+
+    Alpaca becomes prompt/completion with Stanford Alpaca's template (so it needs no chat
+    template in the base tokenizer); ShareGPT becomes chat messages."""
+    if fmt == ALPACA:
+        template = ALPACA_PROMPT_WITH_INPUT if record.get("input", "").strip() else ALPACA_PROMPT
+        prompt = template.format(instruction=record["instruction"], input=record.get("input", ""))
+        return {"prompt": prompt, "completion": record["output"]}
+    if fmt == SHAREGPT:
+        return {
+            "messages": [
+                {"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]}
+                for turn in record["conversations"]
+            ]
+        }
+    return record
+
+
 def _is_conversational(record: dict) -> bool:
     return any(isinstance(v, list) for v in record.values())
 
@@ -296,8 +407,20 @@ def check_file(path: Path, method: Method, problems: list[Problem]) -> tuple[str
     if PROMPT_ONLY not in allowed:  # for SFT a lone prompt is a record missing its completion
         formats = [PROMPT_COMPLETION if f == PROMPT_ONLY else f for f in formats]
     fmt = max(set(formats), key=formats.count) if formats else allowed[0]
+    if formats and fmt == TEXT and fmt not in allowed:
+        problems.append(
+            Problem(
+                path,
+                "",
+                f"raw text (continued pre-training) trains with sft only; {method} needs "
+                f"{' or '.join(allowed)} data",
+            )
+        )
+        return fmt, []
     if formats and fmt not in allowed:
-        wanted = " or ".join(allowed)
+        wanted = " or ".join(
+            [", ".join(allowed[:-1]), allowed[-1]] if len(allowed) > 1 else allowed
+        )
         problems.append(Problem(path, "", f"{method} needs {wanted} data; this file holds {fmt}"))
         return fmt, []
     valid: list[dict] = []
@@ -306,6 +429,7 @@ def check_file(path: Path, method: Method, problems: list[Problem]) -> tuple[str
         errors = _check_record(record, fmt)
         problems += [Problem(path, where, e) for e in errors]
         if not errors:
+            record = convert_record(record, fmt)
             valid.append(record)
             styles.add(_is_conversational(record))
     if len(styles) > 1:
@@ -317,7 +441,8 @@ def check_file(path: Path, method: Method, problems: list[Problem]) -> tuple[str
 
 def _kind(fmt: str, records: list[dict]) -> str:
     """A file's format as trl tells it apart: plain text or conversational."""
-    return fmt + (" (conversational)" if records and _is_conversational(records[0]) else "")
+    conversational = records and _is_conversational(records[0])
+    return trl_format(fmt) + (" (conversational)" if conversational else "")
 
 
 def _key(record: dict) -> str:
@@ -336,8 +461,11 @@ def example_length(record: dict, fmt: str, tokenizer: Any) -> int:
             return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
         return len(tokenizer(prompt + completion)["input_ids"])
 
+    fmt = trl_format(fmt)
     if fmt == MESSAGES:
         return tokens(None, record["messages"])
+    if fmt == TEXT:
+        return len(tokenizer(record["text"])["input_ids"])
     if fmt == PROMPT_COMPLETION:
         return tokens(record["prompt"], record["completion"])
     if fmt == PROMPT_ONLY:

@@ -27,7 +27,13 @@ import datasets
 import torch
 import transformers
 from accelerate import PartialState
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, set_seed
+from transformers import (
+    EarlyStoppingCallback,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TrainerCallback,
+    set_seed,
+)
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import (
@@ -52,7 +58,8 @@ from trainer.config import (
     RunConfig,
     SftRunConfig,
 )
-from trainer.data import MESSAGES, PreparedData, prepare_data, validate_files
+from trainer.contamination import check_contamination
+from trainer.data import MESSAGES, PreparedData, prepare_data, trl_format, validate_files
 from trainer.manifest import build_manifest, write_manifest
 from trainer.modeling import attach_adapter, check_base_quantization, load_base, load_tokenizer
 from trainer.rewards import load_rewards
@@ -115,7 +122,7 @@ def _process_state() -> PartialState:
 
 
 def _check_chat_template(config: RunConfig, tokenizer: PreTrainedTokenizerBase, fmt: str) -> None:
-    conversational = fmt == MESSAGES
+    conversational = trl_format(fmt) == MESSAGES
     if conversational and not tokenizer.chat_template:
         raise ConfigError(
             "chat data needs a chat template: the base tokenizer has none; "
@@ -170,6 +177,48 @@ def _training_args(config: RunConfig, checkpoints: Path, has_eval: bool) -> dict
         # Every LoRA weight takes part in every forward: DDP need not search for unused ones.
         "ddp_find_unused_parameters": False,
         "max_length": config.data.max_length,
+        **_best_args(config, evaluate_during),
+    }
+
+
+def _best_args(config: RunConfig, evaluate_during: bool) -> dict[str, Any]:
+    """transformers' best-checkpoint tracking (config.py made sure eval and save steps agree)."""
+    t = config.training
+    if not (t.tracks_best and evaluate_during):
+        return {}
+    return {
+        "load_best_model_at_end": t.load_best_at_end,
+        "metric_for_best_model": t.best_metric_name,
+        "greater_is_better": t.greater_is_better,  # None: transformers' rule (not ...loss)
+        # Not restore_callback_states_from_checkpoint: it would also restore the checkpoint's
+        # TrainerControl (a Ctrl-C checkpoint's says "stop"). A resumed run keeps the best
+        # metric and step (trainer state); early stopping's patience count starts again.
+    }
+
+
+def _best_record(config: RunConfig, trainer: Any, early: EarlyStoppingCallback | None) -> Any:
+    """What the manifest keeps of best-checkpoint tracking (None when it was off)."""
+    t = config.training
+    if not t.tracks_best:
+        return None
+    state = trainer.state
+    stopped_early = (
+        early is not None
+        and early.early_stopping_patience_counter >= early.early_stopping_patience
+        and state.global_step < state.max_steps
+    )
+    best = state.best_model_checkpoint
+    return {
+        "metric": t.best_metric_name,
+        "greater_is_better": bool(trainer.args.greater_is_better),
+        "value": state.best_metric,
+        "step": state.best_global_step or None,
+        "checkpoint": Path(best).name if best else None,
+        "adapter_is_best_checkpoint": bool(t.load_best_at_end and best),
+        "early_stopping_patience": t.early_stopping_patience,
+        "early_stopping_threshold": t.early_stopping_threshold,
+        "stopped_early": stopped_early,
+        "stopped_at_step": state.global_step if stopped_early else None,
     }
 
 
@@ -189,7 +238,7 @@ def build_trainer(
         args = SFTConfig(
             **common,
             completion_only_loss=config.sft.completion_only_loss,
-            assistant_only_loss=config.sft.assistant_only_loss and fmt == MESSAGES,
+            assistant_only_loss=config.sft.assistant_only_loss and trl_format(fmt) == MESSAGES,
             packing=config.sft.packing,
         )
         return SFTTrainer(
@@ -320,10 +369,18 @@ def run_training(
     processes.wait_for_everyone()
     validated = validate_files(config.data, config.method)
     fmt = validated[0][0][1]
+    contamination = check_contamination(config.data)  # fatal: raises before any model loads
     check_base_quantization(config)
     tokenizer = load_tokenizer(config)
     _check_chat_template(config, tokenizer, fmt)
     data = prepare_data(config.data, config.method, tokenizer, config.training.seed, validated)
+    if contamination is not None:
+        data.report.contamination = contamination.as_dict()
+    if config.training.tracks_best and data.eval is None:
+        raise ConfigError(
+            "training.early_stopping_patience / load_best_at_end: no evaluation examples "
+            "(data.eval_fraction held none out: each file needs 2 or more examples)"
+        )
     for line in data.report.summary():
         echo(line)
 
@@ -333,7 +390,12 @@ def run_training(
     accelerator = trainer.accelerator
     trainer.remove_callback(PrinterCallback)
     interrupt = SaveOnInterrupt(accelerator)
-    for callback in (LossProgressBar(), interrupt, *callbacks):
+    early = None
+    if config.training.early_stopping_patience is not None and data.eval is not None:
+        early = EarlyStoppingCallback(
+            config.training.early_stopping_patience, config.training.early_stopping_threshold
+        )
+    for callback in (LossProgressBar(), interrupt, *([early] if early else []), *callbacks):
         trainer.add_callback(callback)
 
     metrics: dict[str, dict[str, float]] = {}
@@ -353,6 +415,16 @@ def run_training(
     manifest["processes"] = accelerator.num_processes  # global batch: per device x this x accum
     if isinstance(config, RlRunConfig):
         manifest["rl"] = _rl_record(config, trainer)
+    best = _best_record(config, trainer, early)
+    if best is not None:
+        manifest["best"] = best
+        if best["stopped_early"]:
+            echo(
+                f"stopped early at step {step}: no better {best['metric']} in the last evaluations"
+            )
+        if best["adapter_is_best_checkpoint"]:
+            value = f"{best['metric']} {best['value']:.4g}"
+            echo(f"adapter: the best checkpoint's, step {best['step']} ({value})")
     # Every process takes part: under FSDP / DeepSpeed ZeRO-3 this gathers the sharded weights
     # (for DDP and one process it is the model's own state dict).
     state_dict = accelerator.get_state_dict(trainer.model_wrapped)

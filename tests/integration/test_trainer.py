@@ -374,6 +374,35 @@ def test_cli_refuses_a_bad_config_and_bad_data_before_loading_a_model(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_stops_on_fatal_contamination_before_loading_a_model(tmp_path):
+    """The gate's prompts leaked into training: exit 2, naming the training line and the prompt."""
+    leaked = tmp_path / "leaked.jsonl"
+    leaked.write_text(
+        (EXAMPLES / "colors_train.jsonl").read_text()
+        + json.dumps({"prompt": "Q: What color is the bee?\nA:", "completion": " blue"})
+        + "\n"
+    )
+    result = run_loraplex(
+        "train",
+        "sft",
+        "--config",
+        str(EXAMPLES / "sft.yaml"),
+        "--set",
+        f"data.train=[{{path: {leaked}}}]",
+        "--set",
+        f"data.contamination={{against: [{EXAMPLES / 'prompts.jsonl'}], fatal: true}}",
+        "--set",
+        f"output_dir={tmp_path / 'out'}",
+        "--set",
+        "model.path=/nonexistent/base",  # never reached: the contamination check comes first
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"{leaked}: line 49: contaminated: holds eval text prompts.jsonl:line 1 (id q0)" in (
+        result.stderr
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_trains_registers_a_candidate_that_the_gateway_serves(gateway, tiny_model, tmp_path):
     """`loraplex train sft --register`: the adapter becomes colors@candidate and vLLM serves it."""
     result = run_loraplex(
@@ -481,3 +510,45 @@ def test_qlora_on_a_prequantized_4bit_base(tiny_model, tmp_path):
     assert layers and all(m.weight.quant_state.quant_type == "nf4" for m in layers)
     assert result.manifest["base_fingerprint"] == base_fingerprint(tiny_model.base)
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+def test_early_stopping_keeps_the_best_checkpoints_adapter(tiny_model, tmp_path):
+    """A learning rate that overshoots: eval loss stops improving after a few steps; training
+    stops there (patience 1) and the adapter is the best evaluated checkpoint's, not the last."""
+    config = config_for(
+        "sft",
+        "sft",
+        tiny_model.base,
+        tmp_path,
+        "training.learning_rate=3e-2",
+        "training.max_steps=60",
+        "training.eval_steps=5",
+        "training.save_steps=5",
+        "training.early_stopping_patience=1",
+        "training.early_stopping_threshold=0.05",
+        "training.load_best_at_end=true",
+    )
+    result = run_training(config, echo=lambda _: None)
+
+    manifest = json.loads((result.adapter_dir / "manifest.json").read_text())
+    best = manifest["best"]
+    assert best["stopped_early"] and best["stopped_at_step"] == manifest["steps"] < 60
+    assert best["metric"] == "eval_loss" and best["adapter_is_best_checkpoint"]
+    evals = {
+        e["step"]: e["eval_loss"]
+        for e in result.trainer.state.log_history
+        if "eval_loss" in e and e["step"] % 5 == 0 and "eval_runtime" in e
+    }
+    assert best["value"] == min(evals.values()) and evals[best["step"]] == best["value"]
+    assert best["checkpoint"] == f"checkpoint-{best['step']}"
+    # The final evaluation is of the best checkpoint's weights.
+    assert manifest["metrics"]["eval"]["eval_loss"] == pytest.approx(best["value"], abs=1e-6)
+
+    saved = load_file(result.adapter_dir / "adapter_model.safetensors")
+    checkpoint = load_file(result.checkpoint_dir / best["checkpoint"] / "adapter_model.safetensors")
+    assert saved.keys() == checkpoint.keys()
+    assert all(torch.equal(saved[k], checkpoint[k]) for k in saved)
+    last = result.checkpoint_dir / f"checkpoint-{manifest['steps']}"
+    if best["step"] != manifest["steps"]:  # the last step's weights were not kept
+        final = load_file(last / "adapter_model.safetensors")
+        assert any(not torch.equal(saved[k], final[k]) for k in saved)

@@ -384,3 +384,81 @@ def test_rl_needs_its_section():
     data = _raw()
     data.pop("sft", None)
     assert "rl: Field required" in _error("rl", data)
+
+
+# ---------------------------------------------------------------- early stopping / best checkpoint
+
+BEST = {"eval_steps": 10, "save_steps": 10, "early_stopping_patience": 2}
+
+
+def _with_training(**training) -> dict:
+    data = _raw()
+    data["training"] = {**data["training"], **training}
+    return data
+
+
+def test_early_stopping_defaults_to_eval_loss():
+    config = parse_config("sft", _with_training(**BEST))
+    assert config.training.tracks_best and config.training.best_metric_name == "eval_loss"
+    named = parse_config("sft", _with_training(**BEST, best_metric="accuracy"))
+    assert named.training.best_metric_name == "eval_accuracy"
+    assert (
+        parse_config(
+            "sft", _with_training(**BEST, best_metric="eval_acc")
+        ).training.best_metric_name
+        == "eval_acc"
+    )
+    assert not parse_config("sft", _raw()).training.tracks_best
+
+
+@pytest.mark.parametrize(
+    ("training", "message"),
+    [
+        ({"early_stopping_patience": 2, "save_steps": 10}, "need eval_steps"),
+        ({"load_best_at_end": True, "save_steps": 10}, "need eval_steps"),
+        ({**BEST, "save_steps": 20}, "save_steps (20) equal to eval_steps (10)"),
+        ({"best_metric": "eval_loss"}, "best_metric: only used with early_stopping_patience"),
+        ({"greater_is_better": True}, "greater_is_better: only used with"),
+        ({"early_stopping_threshold": 0.1}, "early_stopping_threshold: only used with"),
+        ({**BEST, "early_stopping_patience": 0}, "early_stopping_patience"),
+    ],
+)
+def test_best_checkpoint_settings_are_checked(training, message):
+    assert message in _error("sft", _with_training(**training))
+
+
+def test_best_checkpoint_needs_evaluation_data():
+    data = _with_training(load_best_at_end=True, eval_steps=10, save_steps=10)
+    del data["data"]["eval_file"]
+    assert "need evaluation data: set data.eval_file or data.eval_fraction" in _error("sft", data)
+    data["data"]["eval_fraction"] = 0.1
+    assert parse_config("sft", data).training.load_best_at_end
+
+
+# ---------------------------------------------------------------- contamination
+
+
+def test_contamination_paths_are_relative_to_the_config():
+    config = load_config(
+        "sft", SFT_YAML, ['data.contamination={"against": ["prompts.jsonl", "tasks"]}']
+    )
+    check = config.data.contamination
+    assert check is not None and check.against == [EXAMPLES / "prompts.jsonl", EXAMPLES / "tasks"]
+    assert (check.ngram, check.threshold, check.fatal) == (8, 0.5, False)
+    assert load_config("sft", SFT_YAML).data.contamination is None
+
+
+@pytest.mark.parametrize(
+    ("check", "message"),
+    [
+        ({"against": []}, "against"),
+        ({"against": ["p.jsonl"], "threshold": 0}, "threshold"),
+        ({"against": ["p.jsonl"], "threshold": 1.5}, "threshold"),
+        ({"against": ["p.jsonl"], "ngram": 0}, "ngram"),
+        ({"against": ["p.jsonl"], "fatl": True}, "fatl"),
+    ],
+)
+def test_bad_contamination_settings(check, message):
+    data = _raw()
+    data["data"]["contamination"] = check
+    assert message in _error("sft", data)

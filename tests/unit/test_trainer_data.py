@@ -273,7 +273,12 @@ def test_plain_and_conversational_records_in_one_file_are_refused(tmp_path):
 @pytest.mark.parametrize(
     ("method", "make", "message"),
     [
-        ("sft", pair, "sft needs prompt/completion or messages data; this file holds preference"),
+        (
+            "sft",
+            pair,
+            "sft needs prompt/completion, messages, alpaca, sharegpt or text data; "
+            "this file holds preference",
+        ),
         ("dpo", pc, "dpo needs preference data; this file holds prompt/completion"),
         ("reward", chat, "reward needs preference data; this file holds messages"),
     ],
@@ -293,11 +298,11 @@ def test_the_format_is_the_one_most_records_have(tmp_path):
 
 
 def test_records_with_no_known_key(tmp_path):
-    path = write_jsonl(tmp_path / "data.jsonl", [{"text": "hello"}])
+    path = write_jsonl(tmp_path / "data.jsonl", [{"body": "hello"}])
     assert problems_of(settings(path)) == [
         f"{path}: line 1: missing key 'prompt'",
         f"{path}: line 1: missing key 'completion'",
-        f"{path}: line 1: unexpected key 'text' (expected: prompt, completion)",
+        f"{path}: line 1: unexpected key 'body' (expected: prompt, completion)",
     ]
 
 
@@ -383,7 +388,8 @@ def test_all_problems_of_all_files_are_reported_at_once(tmp_path):
         f"{first}: line 2: invalid JSON: Expecting property name enclosed in double quotes",
         f"{first}: line 3: missing key 'completion'",
         f"{second}: line 2: 'completion' must be a string, got int",
-        f"{third}: sft needs prompt/completion or messages data; this file holds preference",
+        f"{third}: sft needs prompt/completion, messages, alpaca, sharegpt or text data; "
+        "this file holds preference",
         f"{tmp_path / 'gone.jsonl'}: file not found",
         f"{eval_file}: line 1: 'prompt' is empty",
     ]

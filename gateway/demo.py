@@ -7,7 +7,12 @@
    candidates, and run the promotion gate (examples/colors/gate.yaml) on each: the good one
    passes and is promoted to production, the bad one is blocked with the reasons;
 3. ask `colors` (production) the held-out prompts over gRPC, next to the blocked version and the
-   base, and show the registry's record and where the gate's reports are.
+   base, and show the registry's record and where the gate's reports are;
+4. close the loop: a scripted rater (labelled as such) compares production with the blocked
+   version, `eval pairs` turns that into preference pairs, a reward model is trained on them,
+   RL (GRPO) from the production SFT adapter against it makes a candidate, and the gate
+   (examples/colors/gate_rl.yaml: an independent judge, reward-hacking checks) promotes or
+   blocks it, its report showing the lineage SFT -> reward model -> RL.
 
 Finished training runs are reused when their config and inputs did not change, so a second run
 skips training. Exits non-zero if anything is off.
@@ -28,7 +33,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 from rich.console import Console
@@ -55,10 +60,12 @@ SAMPLING: dict[str, Any] = {"temperature": 0.0, "max_tokens": 4, "stop": ["\n"]}
 class Run:
     """One of the demo's training runs."""
 
-    label: str  # good | bad
+    label: str  # good | bad | reward | rl
     config: Path  # an examples/colors/*.yaml run config
     what: str
-    expect: str  # the gate verdict it must get
+    expect: str  # the gate verdict it must get ("" for the reward model, any for RL)
+    method: Literal["sft", "dpo", "reward", "rl"] = "sft"
+    overrides: tuple[str, ...] = ()  # --set overrides (paths known only at run time)
 
 
 RUNS = (
@@ -75,15 +82,27 @@ def _sha256(path: Path) -> str:
 
 
 def _inputs(config: Any) -> dict[str, Any]:
-    """What a run's result depends on besides its config: the base weights and the data."""
+    """What a run's result depends on besides its config: the base weights, the data, and the
+    adapter it starts from and the reward models it is trained against (by content)."""
+    from gateway.contract import folder_digest
+
     files = [f.path for f in config.data.train]
     if config.data.eval_file is not None:
         files.append(config.data.eval_file)
     weights = sorted(Path(config.model.path).glob("*.safetensors"))
+    models = [config.lora.init_from] if config.lora.init_from else []
+    rl = getattr(config, "rl", None)
+    models += [r.reward_model for r in (rl.rewards if rl else []) if r.reward_model]
     return {
         "base": {p.name: _sha256(p) for p in weights},
         "data": {str(p): _sha256(Path(p)) for p in files},
+        "models": {str(m): folder_digest(_adapter_folder(Path(m))) for m in models},
     }
+
+
+def _adapter_folder(path: Path) -> Path:
+    """A run folder's adapter/, or the adapter folder itself."""
+    return path / "adapter" if (path / "adapter").is_dir() else path
 
 
 def _reusable(config: Any, adapter_dir: Path, stamp: Path) -> bool:
@@ -111,7 +130,8 @@ def train_adapter(run: Run, base: Path, runs_dir: Path, echo: Callable[[str], No
     from trainer.run import run_dirs, run_training
 
     out = runs_dir / run.label
-    config = load_config("sft", run.config, overrides=[f"model.path={base}", f"output_dir={out}"])
+    overrides = [f"model.path={base}", f"output_dir={out}", *run.overrides]
+    config = load_config(run.method, run.config, overrides=overrides)
     _, adapter_dir = run_dirs(config)
     stamp = out / "demo-inputs.json"
     if _reusable(config, adapter_dir, stamp):
@@ -279,8 +299,9 @@ def _quiet_libraries() -> None:
 
 def _lifecycle(
     target: str, adapters: dict[str, Path], policy: Any, reports: Path, console: Console
-) -> list[str]:
-    """Upload, gate and promote; then query production. Returns what went wrong."""
+) -> tuple[list[str], int]:
+    """Upload, gate and promote; then query production. Returns what went wrong and the
+    blocked (bad) version."""
     from evalsuite.gate import run_gate
 
     problems: list[str] = []
@@ -347,6 +368,100 @@ def _lifecycle(
         if served != {(NAME, versions["good"])}:
             problems.append(f"'{NAME}' was served by {sorted(served)}, not v{versions['good']}")
         _print_registry(console, registry)
+    return problems, versions["bad"]
+
+
+def _rated_prompts(folder: Path) -> Path:
+    """The training questions with their answers as references: what the scripted rater knows."""
+    rows = [
+        json.loads(line)
+        for line in (EXAMPLES / "colors_train.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+    path = folder / "rated_prompts.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"id": f"t{i}", "prompt": r["prompt"], "reference": r["completion"].strip()})
+            + "\n"
+            for i, r in enumerate(rows)
+        )
+    )
+    return path
+
+
+def _feedback_loop(
+    target: str,
+    good: Path,
+    blocked: int,
+    base: Path,
+    workdir: Path,
+    console: Console,
+    echo: Callable[[str], None],
+) -> list[str]:
+    """Preference evidence -> pairs -> a reward model -> RL from the production SFT adapter ->
+    the gate (an independent judge, reward-hacking checks). Returns what went wrong."""
+    from evalsuite.compare import compare, load_prompts
+    from evalsuite.gate import run_gate
+    from evalsuite.judges import make_judge
+    from evalsuite.pairs import build_pairs, write_pairs
+    from evalsuite.policy import load_policy
+
+    loop = workdir / "loop"
+    loop.mkdir(parents=True, exist_ok=True)
+    console.rule("feedback: a scripted rater compares production with the blocked version")
+    console.print(
+        Text(
+            "the rater is scripted (labelled as such): it prefers the answer that matches the "
+            "training answer (the exact_match judge with references); people's votes "
+            "(`loraplex eval export` / `score-votes`) go the same way"
+        )
+    )
+    prompts = load_prompts(_rated_prompts(loop))
+    judged = asyncio.run(
+        compare(target, NAME, f"{NAME}@v{blocked}", prompts, make_judge("exact_match"),
+                SAMPLING, 32, progress=False)
+    )  # fmt: skip
+    comparison = loop / "comparison.json"
+    comparison.write_text(json.dumps(judged.to_dict(), indent=1) + "\n")
+    pairs = build_pairs([comparison])
+    pairs_file, sidecar = write_pairs(pairs, loop / "pairs.jsonl", force=True)
+    counts = next(iter(pairs.counts.values()))
+    console.print(
+        Text(f"loraplex eval pairs: {counts.describe()} -> {_short(pairs_file)} (provenance: "
+             f"{_short(sidecar)})")
+    )  # fmt: skip
+    if len(pairs.rows) < 20:
+        return [f"only {len(pairs.rows)} preference pairs from the comparison"]
+
+    runs = workdir / "runs"
+    reward = Run("reward", EXAMPLES / "reward.yaml", "a reward model on those pairs", "",
+                 method="reward", overrides=(f"data.train=[{{path: {pairs_file}}}]",))  # fmt: skip
+    console.rule(f"training {reward.what}")
+    reward_dir = train_adapter(reward, base, runs, echo)
+    against = f"rl.rewards=[{{reward_model: {reward_dir}}}]"
+    rl = Run("rl", EXAMPLES / "rl.yaml", "RL (GRPO) from production against the reward model",
+             "", method="rl", overrides=(f"lora.init_from={good}", against))  # fmt: skip
+    console.rule(f"training {rl.what}")
+    rl_dir = train_adapter(rl, base, runs, echo)
+
+    with AdapterClient(target, actor=ACTOR) as registry:
+        version = registry.upload(
+            NAME, rl_dir, description="colors, RL against the reward model (demo)",
+            owner=ACTOR, alias=CANDIDATE, source="loraplex demo: rl.yaml",
+            metadata={"demo_run": rl.label, "config": str(rl.config)},
+        )  # fmt: skip
+    console.rule(f"{NAME}@v{version.version}: the RL adapter, as candidate")
+    result = run_gate(
+        target, f"{NAME}@candidate", load_policy(EXAMPLES / "gate_rl.yaml"),
+        out_dir=workdir / "reports" / f"{NAME}-v{version.version}", promote=True, actor=ACTOR,
+    )  # fmt: skip
+    console.print(Text("lineage: " + " -> ".join(result.report.lineage)))
+    _print_gate(console, rl, result)
+    problems = []
+    if result.verdict not in ("pass", "fail"):
+        problems.append(f"the RL candidate's gate ended in {result.verdict}: {result.report.error}")
+    if not any(step.startswith("reward: ") for step in result.report.lineage):
+        problems.append("the RL candidate's report does not name its reward model")
     return problems
 
 
@@ -447,7 +562,11 @@ def run_demo(workdir: Path, serve_base: str = "w8a8") -> int:
         )
         wait_until_serving(target, timeout=300, alive=_alive_and_telling(proc, log_path, console))
         console.print(f"gateway SERVING after {time.monotonic() - started:.0f}s")
-        problems = _lifecycle(target, adapters, policy, reports, console)
+        problems, blocked = _lifecycle(target, adapters, policy, reports, console)
+        if not problems:
+            problems += _feedback_loop(
+                target, adapters["good"], blocked, model.base, workdir, console, echo
+            )
         _print_request_counts(metrics_port, console)
     except (OSError, RuntimeError, TimeoutError, ValueError, grpc.RpcError) as exc:
         console.print(Text(f"demo failed: {exc}; gateway log: {log_path}", style="red"))
@@ -469,7 +588,8 @@ def run_demo(workdir: Path, serve_base: str = "w8a8") -> int:
         return 1
     console.print(
         "[green]OK[/]: the good adapter passed the gate and serves as production; "
-        "the bad one was blocked with its reasons"
+        "the bad one was blocked with its reasons; the comparison became preference pairs, a "
+        "reward model and an RL candidate, which the gate judged with an independent judge"
     )
     console.print(Text(f"gate reports: {_short(reports)}/{NAME}-v*/report.html (and report.json)"))
     return 0

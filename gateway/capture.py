@@ -3,18 +3,19 @@
 Off unless `capture_dir` is set. Files, not the registry database: capture is an append-only
 stream on the request path, which must never wait on (or contend with) the registry's
 transactions; files rotate and expire by size, ship anywhere, and `loraplex eval compare` /
-`eval pairs` read them as prompt sets. The request path only decides the sample and queues a
-dict; a writer thread formats, redacts and writes, so a slow disk costs dropped records
-(counted), never latency. No request metadata is read, so no API key can reach a file.
+`eval pairs` read them as prompt sets. The request path only decides the sample and appends a
+dict to a deque (no lock, no wake-up); a writer thread drains it every WRITE_INTERVAL_S,
+formats, redacts and writes, so a slow disk costs dropped records (counted), never latency.
+No request metadata is read, so no API key can reach a file.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
 import pkgutil
-import queue
 import random
 import re
 import threading
@@ -33,6 +34,7 @@ FILE_GLOB = "capture-*.jsonl"
 REDACTED = "[REDACTED]"
 BASE = "base"  # the sampling-rate key of requests without an adapter
 QUEUE_RECORDS = 10_000  # records waiting for the writer; past it, new ones are dropped
+WRITE_INTERVAL_S = 0.2  # the writer wakes this often (not per record: no GIL hand-off each)
 
 Hook = Callable[[dict[str, Any]], dict[str, Any] | None]
 
@@ -75,7 +77,8 @@ class TrafficCapture:
         self._hook = load_hook(settings.hook) if settings.hook else None
         self._on_outcome = on_outcome or (lambda _outcome: None)
         self._rng = rng or random.Random()
-        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(QUEUE_RECORDS)
+        self._pending: collections.deque[dict[str, Any]] = collections.deque()
+        self._closing = threading.Event()
         settings.folder.mkdir(parents=True, exist_ok=True)
         self._file: Any = None
         self._file_bytes = 0
@@ -117,19 +120,19 @@ class TrafficCapture:
         }
         if prompt_text is None:
             item["prompt_token_ids"] = list(engine_request.prompt_token_ids)
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
+        if len(self._pending) >= QUEUE_RECORDS:
             self._on_outcome("dropped_full")
+            return
+        self._pending.append(item)  # atomic; the writer picks it up within WRITE_INTERVAL_S
 
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued, then stop the writer."""
-        try:
-            self._queue.put(None, timeout=timeout)
-        except queue.Full:
-            log.warning("capture: the writer did not keep up; queued records are lost")
-            return
+        self._closing.set()
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning(
+                "capture: the writer did not finish in %.0f s; records may be lost", timeout
+            )
 
     # -- the writer thread --------------------------------------------------------------------
 
@@ -142,12 +145,13 @@ class TrafficCapture:
 
     def _write_loop(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
+            closing = self._closing.wait(WRITE_INTERVAL_S)
+            while self._pending:
+                self._write(self._pending.popleft())
+            if self._file is not None:
+                self._file.flush()  # readers see each batch at once
+            if closing:
                 break
-            self._write(item)
-            if self._queue.empty() and self._file is not None:
-                self._file.flush()  # readers see a quiet gateway's records at once
         if self._file is not None:
             self._file.close()
 

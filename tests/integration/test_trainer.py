@@ -19,6 +19,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
+from evalsuite.behaviour import behaviour
+from evalsuite.decisions import decide, policy_checks
+from evalsuite.policy import parse_policy
 from gateway.client import AdapterClient, Client
 from gateway.contract import base_fingerprint, folder_digest
 from tests.support.cli import run_loraplex
@@ -267,6 +270,51 @@ def test_rl_raises_the_reward_of_sampled_answers_and_stays_near_the_sft_policy(
     assert all(torch.equal(p, frozen[n].detach()) for n, p in original.items())
     saved = load_file(result.adapter_dir / "adapter_model.safetensors")
     assert saved and not any(".ref." in k for k in saved)  # trl's frozen reference copy
+
+
+# A reward that pays for length only (tests/support/rewards.py), from the SFT adapter: over seeds
+# 0-2 (40 steps, ~7 s) every held-out greedy answer became 8 words ("white white ..."), a length
+# ratio of 8.0 against the SFT start's 1-word answers and a distinct-1 ratio of 0.01-0.05.
+MIN_HACKED_LENGTH_RATIO = 3.0
+
+
+def test_rl_on_a_length_only_reward_is_caught_by_the_gates_length_check(
+    sft_run, tiny_model, tmp_path
+):
+    """The reward hack the gate's policy checks exist for: the policy learns to pad."""
+    sft, _ = sft_run
+    config = config_for(
+        "rl", "rl", tiny_model.base, tmp_path,
+        f"lora.init_from={sft.adapter_dir}",
+        "rl.rewards=[{function: 'tests.support.rewards:pays_for_length'}]",
+        "rl.max_completion_length=8", "training.learning_rate=1e-3", "training.max_steps=40",
+        "training.save_steps=1000",
+    )  # fmt: skip
+    result = run_training(config, echo=lambda _: None)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model.base)
+    prompts = [r["prompt"] for r in HELD_OUT]
+
+    def answers(adapter: Path) -> list[str]:
+        policy = PeftModel.from_pretrained(load_base(tiny_model.base), adapter).eval()
+        return greedy_answers(policy, tokenizer, prompts, max_new_tokens=8)
+
+    pairs = [
+        {"candidate": c, "baseline": b}
+        for c, b in zip(answers(result.adapter_dir), answers(sft.adapter_dir), strict=True)
+    ]
+    stats = behaviour(pairs, n=1)
+    assert stats["length_ratio"] >= MIN_HACKED_LENGTH_RATIO, stats
+    policy = parse_policy(
+        {"preference": {"prompts": "p.jsonl", "min_win_rate_lower_bound": 0.0,
+                        "max_length_ratio": 1.5, "min_distinct_ratio": 0.8, "distinct_n": 1}}
+    )  # fmt: skip
+    judged_even = {"ci_low": 0.5, "ci_high": 0.5, "win_rate": 0.5, "confidence": 0.95,
+                   "sign_test_p": 1.0, "wins": 0, "ties": 12, "losses": 0}  # fmt: skip
+    verdict, failed = decide(policy_checks(policy, {}, {}, judged_even, stats))
+    assert verdict == "fail" and "length_ratio" in [c.kind for c in failed]
+    [record] = result.manifest["rl"]["rewards"]
+    assert record["function"] == "tests.support.rewards:pays_for_length"
+    assert record["module_sha256"]  # which code paid the reward, by content
 
 
 # ---------------------------------------------------------------- determinism and resume

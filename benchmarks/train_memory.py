@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from trainer.config import QuantizationSettings
 
@@ -104,6 +105,20 @@ def build_nf4_copy(model_dir: Path) -> Path:
     return out
 
 
+def step_clock(step_times: list[float]) -> Any:
+    """A trainer callback that appends each optimizer step's wall time to `step_times`."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            step_times.append(time.perf_counter() - self.start)
+
+    return StepClock()
+
+
 def train_once(
     mode: str, model_dir: Path, steps: int, seq_len: int, batch: int, checkpointing: bool
 ) -> dict:
@@ -111,7 +126,7 @@ def train_once(
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     from trainer.modeling import bnb_config, prepare_4bit_base
@@ -146,14 +161,6 @@ def train_once(
     )
 
     step_times: list[float] = []
-
-    class StepClock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            step_times.append(time.perf_counter() - self.start)
-
     args = SFTConfig(
         output_dir=str(model_dir.parent / f"out-{mode}"),
         max_steps=steps + 1,
@@ -176,7 +183,7 @@ def train_once(
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[StepClock()],
+        callbacks=[step_clock(step_times)],
     )
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())

@@ -27,10 +27,16 @@ def gateway(
     """THE session's real gateway: unquantized float32 base, so HF + peft is an exact reference.
 
     Registry mode: every tiny adapter is registered as v1 of its name and is its production.
+    Traffic capture is on (rate 1.0) into `capture_dir`.
     """
     workdir = tmp_path_factory.mktemp("gateway")
     log = workdir / "gateway.log"
-    running = launch_gateway(tiny_model, log, "--dtype", "float32", data_dir=workdir / "data")
+    capture = workdir / "capture"  # every request captured: the feedback loop's raw material
+    running = launch_gateway(
+        tiny_model, log, "--dtype", "float32", "--capture-dir", str(capture),
+        data_dir=workdir / "data",
+    )  # fmt: skip
+    running.capture_dir = capture
     with AdapterClient(running.target, actor="test-session") as registry:
         for name, path in sorted(tiny_model.adapters.items()):
             registry.register(name, str(path), owner="tests")

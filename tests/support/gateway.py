@@ -24,6 +24,7 @@ class RunningGateway:
     process: subprocess.Popen
     log: Path
     metrics_port: int
+    capture_dir: Path | None = None  # traffic capture's folder, when it is on
 
     def client(self) -> Client:
         return Client(self.target)

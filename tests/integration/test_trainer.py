@@ -317,6 +317,30 @@ def test_rl_on_a_length_only_reward_is_caught_by_the_gates_length_check(
     assert record["module_sha256"]  # which code paid the reward, by content
 
 
+def test_rl_trains_on_a_4bit_base_too(sft_run, tiny_model, tmp_path):
+    """QLoRA for RL: the SFT adapter's policy over the NF4 base, its LoRA weights moving."""
+    sft, _ = sft_run
+    snapshot = TrainableSnapshot()
+    config = config_for(
+        "rl", "rl", tiny_model.base, tmp_path, f"lora.init_from={sft.adapter_dir}",
+        "rl.rewards=[{function: 'tests.support.rewards:pays_for_length'}]",
+        "rl.max_completion_length=4", "training.max_steps=6", "training.save_steps=1000",
+        "quantization={bnb_4bit_quant_type: nf4, bnb_4bit_use_double_quant: true, "
+        "bnb_4bit_compute_dtype: float32}",
+    )  # fmt: skip
+    result = run_training(config, callbacks=[snapshot], echo=lambda _: None)
+    layers = [
+        m for m in result.trainer.model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)
+    ]
+    assert layers and all(isinstance(m.base_layer, bnb.nn.Linear4bit) for m in layers)
+    assert result.manifest["quantization"] == "bnb-4bit"
+    assert result.manifest["rl"]["reference"] == str(sft.adapter_dir)
+    trainable = {n: p for n, p in result.trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and any(
+        not torch.equal(p.detach(), snapshot.before[n]) for n, p in trainable.items()
+    )
+
+
 # ---------------------------------------------------------------- determinism and resume
 
 SHORT = ("training.max_steps=20", "training.save_steps=10", "data.eval_file=null")

@@ -41,7 +41,8 @@ class RegistryView:
         self._ids_lock = threading.Lock()
         self._refs: dict[str, ResolvedAdapter] = {}
         self._versions: dict[tuple[str, int], ResolvedAdapter] = {}
-        self._aliased: dict[int, ResolvedAdapter] = {}  # engine id -> a version an alias holds
+        # (name, version) -> a version an alias holds; two names may share one artifact
+        self._aliased: dict[tuple[str, int], ResolvedAdapter] = {}
         self._names: frozenset[str] = frozenset()
         self._aliases: list[tuple[str, str, int]] = []
         self.generation = -1
@@ -103,7 +104,7 @@ class RegistryView:
                 log.error("alias %s@%s points to missing version v%d", name, alias, number)
                 continue
             refs[f"{name}@{alias}"] = adapter
-            aliased[adapter.engine_id] = adapter
+            aliased[(name, number)] = adapter
             if alias == PRODUCTION:
                 refs[name] = adapter
         return refs, versions, aliased
@@ -120,9 +121,11 @@ class RegistryView:
             snapshot = await asyncio.to_thread(self.store.snapshot)
             # built off the event loop: 10,000 versions take tens of ms (benchmarks/)
             refs, versions, aliased = await asyncio.to_thread(self._build, snapshot)
-            if prewarm is not None:
-                for engine_id, adapter in aliased.items():
-                    if engine_id not in self._aliased:
+            if prewarm is not None:  # once per weights: names sharing an artifact share its id
+                warm = {a.engine_id for a in self._aliased.values()}
+                for adapter in aliased.values():
+                    if adapter.engine_id not in warm:
+                        warm.add(adapter.engine_id)
                         await self._prewarm(prewarm, adapter)
             self._refs, self._versions, self._aliased = refs, versions, aliased
             self._names = frozenset(name for name, _ in versions)

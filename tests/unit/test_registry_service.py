@@ -194,6 +194,20 @@ async def test_identical_files_are_stored_once_and_deleted_with_the_last_version
     )
 
 
+async def test_two_names_on_one_artifact_are_both_servable(served, tiny_model, tmp_path):
+    """One weights file under two names (one engine id): GetModelInfo lists both."""
+    server, stub = served
+    folder = copy_adapter(tiny_model, tmp_path)
+    for name in ("acme", "copy"):
+        await register(stub, folder, name=name)
+        await stub.SetAlias(apb.SetAliasRequest(adapter=name, alias="production", version=1,
+                                                force=True, reason="test"))  # fmt: skip
+    await server.registry.view.refresh(force=True)
+    servable = server.registry.view.servable()
+    assert sorted(a.name for a in servable) == ["acme", "copy"]
+    assert len({a.engine_id for a in servable}) == 1
+
+
 async def test_list_adapters_pages_and_reports_residency(served, tiny_model, tmp_path):
     server, stub = served
     for name in ["alpha", "beta", "gamma"]:

@@ -179,14 +179,20 @@ def _load_capture(
     return source
 
 
-def _capture_record(line: str, where: str) -> dict[str, Any]:
-    """One capture line, checked: a prompt-set line (no `format`) here is a mixed file."""
+def _json_object(line: str, where: str) -> dict[str, Any]:
+    """One JSONL line that must hold a JSON object; errors name file:line."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
         raise EvalInputError(f"{where}: not valid JSON ({e.msg})") from None
     if not isinstance(row, dict):
         raise EvalInputError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def _capture_record(line: str, where: str) -> dict[str, Any]:
+    """One capture line, checked: a prompt-set line (no `format`) here is a mixed file."""
+    row = _json_object(line, where)
     if "format" not in row:
         raise EvalInputError(
             f"{where}: a prompt-set line among capture records: a file holds captured traffic "
@@ -237,12 +243,7 @@ def _load_prompt_set(path: Path, lines: list[str]) -> list[PromptItem]:
 
 
 def _prompt_item(line: str, default_id: str, where: str) -> PromptItem:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise EvalInputError(f"{where}: not valid JSON ({e.msg})") from None
-    if not isinstance(row, dict):
-        raise EvalInputError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    row = _json_object(line, where)
     unknown = sorted(set(row) - set(PROMPT_KEYS))
     if unknown:
         raise EvalInputError(f"{where}: unknown key(s) {unknown}; expected {list(PROMPT_KEYS)}")

@@ -157,17 +157,21 @@ def load_key(path: str | Path) -> dict[str, Any]:
     return key
 
 
+def _table_rows(path: Path, what: str) -> Any:
+    """(where, row) of a CSV or JSONL file, by its extension."""
+    if path.suffix.lower() == ".csv":
+        return _csv_rows(path)
+    if path.suffix.lower() in (".jsonl", ".json"):
+        return _jsonl_rows(path)
+    raise EvalInputError(f"{path}: {what} must be a .csv or .jsonl file")
+
+
 def load_votes(path: str | Path) -> list[Vote]:
     """Votes from CSV or JSONL (by extension) with `id` and `vote` (A, B or tie; any case) and
     optionally `rater`; other columns (the exported ones) are ignored, an empty vote means "not
     rated". Every bad line is reported at once, as file:line."""
     path = Path(path)
-    if path.suffix.lower() == ".csv":
-        rows = _csv_rows(path)
-    elif path.suffix.lower() in (".jsonl", ".json"):
-        rows = _jsonl_rows(path)
-    else:
-        raise EvalInputError(f"{path}: votes must be a .csv or .jsonl file")
+    rows = _table_rows(path, "votes")
     votes, problems, seen = [], [], {}
     for where, row in rows:
         if isinstance(row, str):
@@ -211,12 +215,7 @@ def load_rated_pairs(path: str | Path) -> list[RatedPair]:
     votes file that kept those columns (the export filled in): the texts the key does not hold.
     CSV cells are un-defused (`_csv_untext`). Every bad line is reported at once, as file:line."""
     path = Path(path)
-    if path.suffix.lower() == ".csv":
-        rows = _csv_rows(path)
-    elif path.suffix.lower() in (".jsonl", ".json"):
-        rows = _jsonl_rows(path)
-    else:
-        raise EvalInputError(f"{path}: an export must be a .csv or .jsonl file")
+    rows = _table_rows(path, "an export")
     pairs, problems = [], []
     for where, row in rows:
         if isinstance(row, str):
